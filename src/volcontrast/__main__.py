@@ -1,0 +1,3 @@
+from volcontrast.cli import main
+
+main()
