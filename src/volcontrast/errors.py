@@ -17,5 +17,8 @@ class InputError(Exception):
         self.problem = " ".join(str(problem).split())  # always one line
         super().__init__(self.line())
 
+    def __reduce__(self):  # keep (where, problem) across process boundaries
+        return (type(self), (self.where, self.problem))
+
     def line(self) -> str:
         return f"{self.where}: {self.problem}" if self.where else self.problem

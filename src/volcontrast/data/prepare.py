@@ -1,0 +1,411 @@
+"""``volcontrast prepare``: any accepted dataset -> the preprocessing cache (DESIGN.md contract).
+
+Per case: load in canonical RAS+ -> check label geometry -> resample to the target spacing -> body mask and
+box -> crop to it -> normalise -> write ``cases/<id>/{image,label,body}.npy`` + ``meta.json`` into a
+temporary folder that is renamed into place when complete. A rerun skips cases whose fingerprint (sources,
+settings, dataset statistics) is unchanged. Cases run in parallel worker processes; each holds one volume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volcontrast import __version__
+from volcontrast.config import from_dict, to_dict
+from volcontrast.data.dataset import Case, Dataset, open_dataset
+from volcontrast.data.preprocess import (
+    CTStats,
+    body_mask,
+    bounding_box,
+    crop_affine,
+    ct_stats,
+    normalize_ct,
+    normalize_zscore,
+    resample_grid,
+    resample_image,
+    resample_label,
+    sample_voxels,
+)
+from volcontrast.errors import InputError
+from volcontrast.io.readers import check_same_grid, geometry_mismatch, load_volume, read_geometry
+from volcontrast.io.volume import Volume
+from volcontrast.utils.files import atomic_write_json, read_json, stable_hash
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class PrepareSettings:
+    """What ``prepare`` does; saved in the manifest. ``None`` fields are resolved from the dataset."""
+
+    spacing: tuple[float, float, float] | None = None  # mm; None = median spacing of the dataset
+    modality: str | None = None  # "ct" | "mr"; None = from dataset.json, else guessed from intensities
+    image_order: int = 1  # 1 linear, 3 cubic
+    label_interpolation: str = "linear"  # "linear" (one-hot linear, nnU-Net) | "nearest"
+    ct_percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_foreground: str = "auto"  # "label" | "body" | "auto" (label if every case is labelled, else body)
+    ct_body_threshold: float = -500.0  # HU
+    crop_margin: int = 0  # voxels kept around the body box
+    stats_samples_per_case: int = 20000
+
+    def __post_init__(self) -> None:
+        if self.modality not in (None, "ct", "mr"):
+            raise InputError("--modality", f"must be ct or mr, got {self.modality!r}")
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise InputError("--spacing", f"needs three positive numbers (mm), got {self.spacing}")
+        if self.image_order not in (1, 3):
+            raise InputError("image_order", "must be 1 (linear) or 3 (cubic)")
+        if self.label_interpolation not in ("linear", "nearest"):
+            raise InputError("label_interpolation", "must be 'linear' or 'nearest'")
+        if self.ct_foreground not in ("auto", "label", "body"):
+            raise InputError("ct_foreground", "must be auto, label or body")
+
+
+@dataclass
+class PrepareReport:
+    out: Path
+    prepared: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # case id -> one-line error
+    seconds: float = 0.0
+    bytes_written: int = 0
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def _source_signature(case: Case) -> list[list[Any]]:
+    sig = []
+    for p in case.sources():
+        st = p.stat()
+        sig.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    return sig
+
+
+def _load_image(case: Case, ds_channels: int, channels_in_file: int) -> Volume:
+    """All channels of a case as one (C, X, Y, Z) volume (separate files or one 4D file)."""
+    if channels_in_file > 1:
+        vol = load_volume(case.images[0], channels=channels_in_file)
+        if vol.array.ndim == 3:
+            vol.array = vol.array[None]
+        if vol.array.shape[0] != ds_channels:
+            raise InputError(case.images[0], f"expected {ds_channels} channels, found {vol.array.shape[0]}")
+        return vol
+    vols = [load_volume(p) for p in case.images]
+    for v in vols[1:]:
+        why = geometry_mismatch(vols[0].shape, vols[0].affine, v.shape, v.affine)
+        if why:
+            raise InputError(v.path, f"channel does not match {vols[0].path}: {why}")
+    first = vols[0]
+    first.array = np.stack([v.array for v in vols])
+    return first
+
+
+def _load_label(case: Case, image: Volume, label_names: dict[int, str]) -> np.ndarray | None:
+    if case.label is None:
+        return None
+    lab = load_volume(case.label, label=True)
+    check_same_grid(Volume(image.array[0], image.affine, path=image.path), lab)
+    if label_names:
+        extra = sorted(set(np.unique(lab.array).tolist()) - set(label_names))
+        if extra:
+            raise InputError(
+                case.label, f"label values {extra} are not among the dataset's labels {sorted(label_names)}"
+            )
+    return lab.array
+
+
+def _guess_modality(case: Case) -> str:
+    vol = load_volume(case.images[0])
+    return "ct" if float(np.percentile(vol.array, 1)) < -500 else "mr"
+
+
+# ------------------------------------------------------------------------------------ worker functions
+
+
+def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground: str,
+                  stats_dir: str) -> tuple[str, np.ndarray]:
+    """Foreground intensity samples of a case (cached on disk by source signature)."""
+    key = stable_hash(
+        [_source_signature(case), foreground, settings.ct_body_threshold, settings.stats_samples_per_case]
+    )
+    path = Path(stats_dir) / f"{case.id}-{key}.npy"
+    if path.exists():
+        return case.id, np.load(path)
+    image = _load_image(case, ds.num_channels, ds.channels_in_file)
+    raw = image.array[0]
+    if foreground == "label" and case.label is not None:
+        label = _load_label(case, image, ds.label_names)
+        mask = label > 0
+        if not mask.any():
+            mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
+    else:
+        mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
+    samples = sample_voxels(raw, mask, settings.stats_samples_per_case, seed=int(key[:8], 16))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    np.save(tmp, samples)
+    os.replace(tmp, path)
+    return case.id, samples
+
+
+def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, fingerprint: str) -> tuple[str, int]:
+    """Preprocess one case and move its finished folder into ``out/cases/<id>``. Returns (id, bytes)."""
+    settings = from_dict(PrepareSettings, resolved["settings"])
+    modality = resolved["modality"]
+    image = _load_image(case, ds.num_channels, ds.channels_in_file)
+    label = _load_label(case, image, ds.label_names)
+    canonical_shape = image.shape
+    grid = resample_grid(canonical_shape, image.affine, tuple(resolved["spacing"]))
+    data = resample_image(image.array, grid, order=settings.image_order)
+    if label is not None:
+        label = resample_label(label, grid, settings.label_interpolation)
+    body = body_mask(data[0], modality, ct_threshold=settings.ct_body_threshold)
+    box = bounding_box(body, settings.crop_margin)
+    sl = tuple(slice(lo, hi) for lo, hi in box)
+    lower = tuple(lo for lo, _ in box)
+    data = data[(slice(None), *sl)]
+    body = body[sl]
+    label = label[sl] if label is not None else None
+    affine = crop_affine(grid.affine, lower)  # type: ignore[arg-type]
+    intensity = []
+    for c in range(data.shape[0]):
+        if modality == "ct" and resolved["ct_stats"] is not None:
+            stats = CTStats(**resolved["ct_stats"])
+            data[c] = normalize_ct(data[c], stats)
+            intensity.append({"scheme": "ct", **resolved["ct_stats"]})
+        else:
+            data[c], mean, std = normalize_zscore(data[c], body)
+            intensity.append({"scheme": "zscore-body", "mean": mean, "std": std})
+    shape = tuple(int(s) for s in data.shape[1:])
+    body_box = [[int(lo), int(hi)] for lo, hi in bounding_box(body)]
+    meta = {
+        "case_id": case.id,
+        "affine": affine.tolist(),
+        "spacing": [float(s) for s in resolved["spacing"]],
+        "shape": list(shape),
+        "channels": int(data.shape[0]),
+        "source": {"images": [str(p) for p in case.images], "label": str(case.label) if case.label else None},
+        "body_bbox": body_box,
+        "has_label": label is not None,
+        "labels_present": sorted(int(v) for v in np.unique(label)) if label is not None else [],
+        "crop_offset": [int(v) for v in lower],
+        "resampled_shape": [int(v) for v in grid.shape],
+        "resampled_affine": grid.affine.tolist(),
+        "canonical_shape": [int(v) for v in canonical_shape],
+        "canonical_affine": image.affine.tolist(),
+        "original_affine": image.original_affine.tolist(),
+        "original_shape": [int(v) for v in image.original_shape],
+        "original_axcodes": "".join(image.original_axcodes),
+        "intensity": intensity,
+        "fingerprint": fingerprint,
+    }
+    cases_dir = Path(out) / "cases"
+    tmp = cases_dir / f".tmp-{case.id}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "image.npy", np.ascontiguousarray(data, dtype=np.float32))
+    np.save(tmp / "body.npy", np.ascontiguousarray(body, dtype=np.uint8))
+    if label is not None:
+        np.save(tmp / "label.npy", np.ascontiguousarray(label))
+    atomic_write_json(tmp / "meta.json", meta)
+    nbytes = sum(f.stat().st_size for f in tmp.iterdir())
+    final = cases_dir / case.id
+    if final.exists():
+        old = cases_dir / f".old-{case.id}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return case.id, nbytes
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+class _Runner:
+    """Runs a function over cases in-process (workers <= 1) or in a process pool, with a progress bar."""
+
+    def __init__(self, workers: int, progress: bool):
+        self.workers = workers
+        self.progress = progress
+
+    def map(self, label: str, fn, cases: list[Case], *args, on_error=None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        results = {}
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+            task = bar.add_task(label, total=len(cases))
+            if self.workers <= 1:
+                for case in cases:
+                    try:
+                        results[case.id] = fn(case, *args)
+                    except InputError as exc:
+                        on_error(case, exc)
+                    bar.advance(task)
+                return results
+            with ProcessPoolExecutor(max_workers=self.workers) as pool:
+                futures: dict[Future, Case] = {pool.submit(fn, case, *args): case for case in cases}
+                try:
+                    for fut in as_completed(futures):
+                        case = futures[fut]
+                        try:
+                            results[case.id] = fut.result()
+                        except InputError as exc:
+                            on_error(case, exc)
+                        bar.advance(task)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        return results
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+def prepare_dataset(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PrepareSettings | None = None,
+    *,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> PrepareReport:
+    """Preprocess dataset ``data`` (any accepted layout) into the cache folder ``out``.
+
+    Raises:
+        InputError: the first bad case (unless ``skip_bad``): every case finished before it stays in the cache.
+    """
+    t0 = time.perf_counter()
+    settings = settings or PrepareSettings()
+    out = Path(out)
+    ds = open_dataset(data)
+    report = PrepareReport(out=out)
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "cases").glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (out / "cases").glob(".old-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    runner = _Runner(workers if workers is not None else default_workers(), progress)
+
+    def on_error(case: Case, exc: InputError) -> None:
+        if not skip_bad:
+            raise exc
+        report.skipped[case.id] = exc.line()
+
+    # 1. geometry (headers) -> target spacing
+    geometries: dict[str, Any] = {}
+    for case in ds.cases:
+        try:
+            geometries[case.id] = read_geometry(case.images[0])
+        except InputError as exc:
+            on_error(case, exc)
+    good = [c for c in ds.cases if c.id in geometries]
+    if not good:
+        raise InputError(ds.root, "no readable cases")
+    spacing = settings.spacing or tuple(float(v) for v in np.median([geometries[c.id].spacing for c in good], axis=0))
+    modality = settings.modality or ds.modality or _guess_modality(good[0])
+
+    # 2. dataset intensity statistics (CT)
+    ct = None
+    if modality == "ct":
+        all_labelled = all(c.labelled for c in good)
+        foreground = settings.ct_foreground
+        if foreground == "auto":
+            foreground = "label" if all_labelled else "body"
+        samples = runner.map("statistics", _case_samples, good, ds, settings, foreground, str(out / ".stats"),
+                             on_error=on_error)
+        good = [c for c in good if c.id in samples]
+        if not good:
+            raise InputError(ds.root, "no readable cases")
+        ct = to_dict(ct_stats(np.concatenate([samples[c.id][1] for c in good]), settings.ct_percentiles))
+    resolved = {"settings": to_dict(settings), "spacing": list(spacing), "modality": modality, "ct_stats": ct,
+                "format": CACHE_FORMAT}
+    settings_hash = stable_hash(resolved)
+
+    manifest: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "volcontrast_version": __version__,
+        "versions": _versions(),
+        "dataset": {
+            "root": str(ds.root),
+            "layout": ds.layout,
+            "label_names": {str(k): v for k, v in ds.label_names.items()},
+            "channel_names": ds.channel_names,
+            "modality": modality,
+        },
+        "settings": to_dict(settings),
+        "spacing": list(spacing),
+        "modality": modality,
+        "ct_stats": ct,
+        "settings_hash": settings_hash,
+        "complete": False,
+        "cases": [],
+        "skipped": {},
+    }
+
+    # 3. cases: reuse unchanged ones, process the rest
+    fingerprints = {c.id: stable_hash([settings_hash, _source_signature(c)]) for c in good}
+    todo = []
+    for case in good:
+        meta_path = out / "cases" / case.id / "meta.json"
+        if meta_path.exists():
+            try:
+                if read_json(meta_path).get("fingerprint") == fingerprints[case.id]:
+                    report.reused.append(case.id)
+                    continue
+            except InputError:
+                pass
+        todo.append(case)
+
+    def write_manifest(complete: bool) -> None:
+        done = set(report.reused) | set(report.prepared)
+        manifest["cases"] = [c.id for c in ds.cases if c.id in done]
+        manifest["skipped"] = dict(report.skipped)
+        manifest["complete"] = complete
+        manifest["dataset_fingerprint"] = stable_hash(sorted(fingerprints.values()))
+        atomic_write_json(out / "manifest.json", manifest)
+
+    try:
+        results = runner.map("prepare", _process_case_entry, todo, ds, resolved, str(out), fingerprints,
+                             on_error=on_error)
+    except BaseException:
+        # keep every finished case usable: record them, then re-raise
+        report.prepared = sorted(
+            c.id for c in todo
+            if (out / "cases" / c.id / "meta.json").exists()
+            and read_json(out / "cases" / c.id / "meta.json").get("fingerprint") == fingerprints[c.id]
+        )
+        write_manifest(False)
+        raise
+    for cid, (_, nbytes) in results.items():
+        report.prepared.append(cid)
+        report.bytes_written += nbytes
+    write_manifest(True)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _process_case_entry(case: Case, ds: Dataset, resolved: dict, out: str, fingerprints: dict[str, str]):
+    return _process_case(case, ds, resolved, out, fingerprints[case.id])
+
+
+def _versions() -> dict[str, str]:
+    import nibabel
+    import SimpleITK
+
+    return {"numpy": np.__version__, "nibabel": nibabel.__version__, "SimpleITK": SimpleITK.Version.VersionString()}
