@@ -157,12 +157,24 @@ def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground
     return case.id, samples
 
 
-def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, fingerprint: str) -> tuple[str, int]:
-    """Preprocess one case and move its finished folder into ``out/cases/<id>``. Returns (id, bytes)."""
+@dataclass
+class PreparedCase:
+    """One case after preprocessing, in memory (what ``prepare`` writes and ``predict`` feeds the model)."""
+
+    image: np.ndarray  # (C, X, Y, Z) float32, normalised
+    label: np.ndarray | None  # (X, Y, Z) or None
+    body: np.ndarray  # (X, Y, Z) bool
+    meta: dict[str, Any]  # the cache's meta.json fields
+
+
+def preprocess_case(image: Volume, label: np.ndarray | None, resolved: dict[str, Any]) -> PreparedCase:
+    """Resample, find the body, crop to it and normalise one loaded case (``image.array`` is (C, X, Y, Z)).
+
+    ``resolved`` holds the dataset-level decisions: ``settings``, ``spacing``, ``modality``, ``ct_stats``
+    (as stored in the cache manifest). Pure: nothing is read or written.
+    """
     settings = from_dict(PrepareSettings, resolved["settings"])
     modality = resolved["modality"]
-    image = _load_image(case, ds.num_channels, ds.channels_in_file)
-    label = _load_label(case, image, ds.label_names)
     canonical_shape = image.shape
     grid = resample_grid(canonical_shape, image.affine, tuple(resolved["spacing"]))
     data = resample_image(image.array, grid, order=settings.image_order)
@@ -185,16 +197,12 @@ def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, f
         else:
             data[c], mean, std = normalize_zscore(data[c], body)
             intensity.append({"scheme": "zscore-body", "mean": mean, "std": std})
-    shape = tuple(int(s) for s in data.shape[1:])
-    body_box = [[int(lo), int(hi)] for lo, hi in bounding_box(body)]
     meta = {
-        "case_id": case.id,
         "affine": affine.tolist(),
         "spacing": [float(s) for s in resolved["spacing"]],
-        "shape": list(shape),
+        "shape": [int(s) for s in data.shape[1:]],
         "channels": int(data.shape[0]),
-        "source": {"images": [str(p) for p in case.images], "label": str(case.label) if case.label else None},
-        "body_bbox": body_box,
+        "body_bbox": [[int(lo), int(hi)] for lo, hi in bounding_box(body)],
         "has_label": label is not None,
         "labels_present": sorted(int(v) for v in np.unique(label)) if label is not None else [],
         "crop_offset": [int(v) for v in lower],
@@ -206,6 +214,20 @@ def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, f
         "original_shape": [int(v) for v in image.original_shape],
         "original_axcodes": "".join(image.original_axcodes),
         "intensity": intensity,
+    }
+    return PreparedCase(np.ascontiguousarray(data, dtype=np.float32), label, body, meta)
+
+
+def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, fingerprint: str) -> tuple[str, int]:
+    """Preprocess one case and move its finished folder into ``out/cases/<id>``. Returns (id, bytes)."""
+    image = _load_image(case, ds.num_channels, ds.channels_in_file)
+    label = _load_label(case, image, ds.label_names)
+    prepared = preprocess_case(image, label, resolved)
+    data, body, label = prepared.image, prepared.body, prepared.label
+    meta = {
+        "case_id": case.id,
+        "source": {"images": [str(p) for p in case.images], "label": str(case.label) if case.label else None},
+        **prepared.meta,
         "fingerprint": fingerprint,
     }
     cases_dir = Path(out) / "cases"
@@ -335,6 +357,7 @@ def prepare_dataset(
         ct = to_dict(ct_stats(np.concatenate([samples[c.id][1] for c in good]), settings.ct_percentiles))
     resolved = {"settings": to_dict(settings), "spacing": list(spacing), "modality": modality, "ct_stats": ct,
                 "format": CACHE_FORMAT}
+    # everything preprocess_case needs to repeat this preprocessing on a new scan (predict)
     settings_hash = stable_hash(resolved)
 
     manifest: dict[str, Any] = {
@@ -349,6 +372,7 @@ def prepare_dataset(
             "modality": modality,
         },
         "settings": to_dict(settings),
+        "resolved": resolved,
         "spacing": list(spacing),
         "modality": modality,
         "ct_stats": ct,
