@@ -93,6 +93,53 @@ def prepare(
         _echo(f"skipped {cid}: {line}")
 
 
+# --------------------------------------------------------------------------------------------- pretrain
+
+
+def _dim(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.lower() not in ("2d", "3d", "2", "3"):
+        raise InputError("--dim", f"must be 2d or 3d, got {value!r}")
+    return int(value[0])
+
+
+@app.command()
+def pretrain(
+    cache: Path = typer.Argument(..., help="Cache folder written by `volcontrast prepare`."),
+    out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
+    method: str | None = typer.Option(None, "--method", help="simclr | gcl | pcl (default pcl)."),
+    dim: str | None = typer.Option(None, "--dim", help="2d (slices, paper parity) or 3d (crops)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Optimiser steps."),
+    preset: str | None = typer.Option(None, "--preset", help="cpu-tiny | cpu-small | gpu-3d | pcl-paper."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    seed: int | None = typer.Option(None, "--seed"),
+    backbone: str | None = typer.Option(None, "--backbone", help="plain_unet | resenc_unet | swin_unetr."),
+    backbone_preset: str | None = typer.Option(None, "--backbone-preset", help="tiny | small | nnunet-3d | ..."),
+    crop: list[int] | None = typer.Option(None, "--crop", help="Crop size, repeat per axis (--crop 32 --crop 32 ...)."),
+    workers: int | None = typer.Option(None, "--workers", min=0, help="Data loader processes."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Self-supervised pretraining (SimCLR, GCL, PCL) of a backbone on cached volumes."""
+    from volcontrast.config import load_yaml
+    from volcontrast.engine.config import resolve_pretrain_config
+    from volcontrast.engine.pretrain import pretrain as run_pretrain
+
+    overrides = {
+        "method": method, "dim": _dim(dim), "seed": seed, "device": device,
+        "data": {"workers": workers, "crop_size": list(crop) if crop else None},
+        "model": {"backbone": backbone, "preset": backbone_preset},
+    }
+    cfg = None
+    if not resume:
+        cfg = resolve_pretrain_config(preset, load_yaml(config) if config else None, overrides)
+    result = run_pretrain(cache, out, cfg, resume=resume, steps=steps, progress=not quiet)
+    _echo(f"pretrained {result.steps} steps in {result.seconds:.1f} s ({result.samples_per_s:.1f} samples/s, "
+          f"data wait {100 * result.data_wait:.1f}%), final loss {result.last_loss:.4f} -> {out}")
+
+
 # ------------------------------------------------------------------------------------------------ bench
 
 

@@ -1,1 +1,21 @@
-"""methods."""
+"""Pretraining methods: one small module per method, wired from views + nets + losses."""
+
+from __future__ import annotations
+
+from volcontrast.engine.config import PretrainConfig
+from volcontrast.errors import InputError
+from volcontrast.methods.base import PretrainMethod
+from volcontrast.methods.contrastive import GCL, PCL, SimCLR
+from volcontrast.nets.base import Backbone
+from volcontrast.views.geometry import CaseTable
+
+METHODS: dict[str, type[PretrainMethod]] = {"simclr": SimCLR, "gcl": GCL, "pcl": PCL}
+
+
+def build_method(name: str, backbone: Backbone, config: PretrainConfig, table: CaseTable) -> PretrainMethod:
+    if name not in METHODS:
+        raise InputError("--method", f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name](backbone, config, table)
+
+
+__all__ = ["GCL", "METHODS", "PCL", "PretrainMethod", "SimCLR", "build_method"]

@@ -1,0 +1,191 @@
+"""Pretraining configuration: typed dataclasses, named presets, YAML round trip.
+
+A run's config is resolved as: defaults <- ``--preset`` <- ``--config YAML`` <- explicit CLI flags, and the
+result is saved as ``RUN/config.yaml`` (loadable with ``--config`` to repeat the run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from volcontrast.config import from_dict, merge, to_dict
+from volcontrast.errors import InputError
+from volcontrast.views.augment import AugmentConfig
+
+
+@dataclass
+class DataConfig:
+    crop_size: tuple[int, ...] = (32, 32, 32)  # 3 values (3D crops) or 2 (2D slices)
+    volumes_per_batch: int = 4  # volumes read per step (per rank)
+    crops_per_volume: int = 2  # items cut from each volume; each item gives two views
+    workers: int = 2  # DataLoader worker processes (0 = in the main process)
+    prefetch: int = 2  # steps prefetched per worker
+    pool: list[str] = field(default_factory=list)  # case ids to pretrain on (empty = every cached case)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "plain_unet"  # plain_unet | resenc_unet | swin_unetr
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields replacing the preset's
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    warmup_steps: int = 0
+    min_lr: float = 0.0  # cosine floor
+    grad_clip: float = 0.0  # max grad norm (0 = off)
+
+
+@dataclass
+class ContrastConfig:
+    """SimCLR / GCL / PCL (METHODS.md sections 0-1)."""
+
+    temperature: float = 0.1
+    loss_scale: float = 1.0  # PCL code parity: temperature / 0.07
+    proj_dim: int = 128
+    proj_hidden: int = 0  # 0 = same as the encoder's deepest width
+    threshold: list[float] = field(default_factory=lambda: [0.1])  # PCL lambda (one, or one per axis)
+    position: str = "body"  # body | index
+    axes: str = "z"  # z (body axis) | xyz (3D crops, per-axis thresholds)
+    partitions: int = 4  # GCL
+
+
+@dataclass
+class PretrainConfig:
+    method: str = "pcl"
+    dim: int = 3
+    steps: int = 100
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    checkpoint_every: int = 100  # write the latest checkpoint every N steps (and at the end)
+    keep_every: int = 0  # also keep a snapshot every K steps (0 = keep only the latest)
+    probe_every: int = 0  # body-position probe every K steps (0 = only at the end)
+    probe_crops: int = 48
+    collapse_patience: int = 3  # consecutive logged steps at the collapse value before warning
+
+    def validate(self) -> PretrainConfig:
+        if self.dim not in (2, 3):
+            raise InputError("--dim", f"must be 2d or 3d, got {self.dim}")
+        if self.dim == 2 and len(self.data.crop_size) == 3:  # a 3D default crop read as its in-plane size
+            self.data.crop_size = tuple(self.data.crop_size[:2])
+        if len(self.data.crop_size) != self.dim:
+            got = list(self.data.crop_size)
+            raise InputError("data.crop_size", f"needs {self.dim} values for {self.dim}D, got {got}")
+        if self.steps < 1:
+            raise InputError("--steps", "must be >= 1")
+        if self.contrast.position not in ("body", "index"):
+            raise InputError("contrast.position", "must be body or index")
+        if self.contrast.axes not in ("z", "xyz"):
+            raise InputError("contrast.axes", "must be z or xyz")
+        if self.optim.name not in ("adamw", "sgd"):
+            raise InputError("optim.name", "must be adamw or sgd")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise InputError("amp", "must be auto, bf16 or off")
+        if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
+            self.augment.flip_axes = (0, 1)
+        return self
+
+
+# Presets are partial configs (nested dicts) applied on top of the defaults.
+PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": {
+        "steps": 20,
+        "data": {"crop_size": [24, 24, 24], "volumes_per_batch": 2, "crops_per_volume": 2, "workers": 0},
+        "model": {"preset": "tiny"},
+        "log_every": 5, "checkpoint_every": 10, "probe_crops": 24,
+    },
+    "cpu-small": {
+        "steps": 300,
+        "data": {"crop_size": [32, 32, 32], "volumes_per_batch": 4, "crops_per_volume": 2, "workers": 2},
+        "model": {"preset": "tiny"},
+        "optim": {"lr": 2e-3, "warmup_steps": 20},
+        "log_every": 10, "checkpoint_every": 100, "probe_every": 100,
+    },
+    "gpu-3d": {
+        "steps": 10000,
+        "data": {"crop_size": [96, 96, 96], "volumes_per_batch": 4, "crops_per_volume": 2, "workers": 8},
+        "model": {"preset": "nnunet-3d"},
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-5, "warmup_steps": 500, "grad_clip": 12.0},
+        "log_every": 50, "checkpoint_every": 1000, "keep_every": 5000, "probe_every": 1000,
+    },
+    "pcl-paper": {  # METHODS.md section 1: 2D slices, SGD 0.1 cosine to 0, 32 slices, paper augmentation
+        "method": "pcl",
+        "dim": 2,
+        "steps": 20000,
+        "data": {"crop_size": [256, 256], "volumes_per_batch": 8, "crops_per_volume": 4, "workers": 8},
+        "model": {"preset": "small"},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-5, "min_lr": 0.0},
+        "augment": {"flip_prob": 0.5, "flip_axes": [0, 1], "spatial_prob": 0.67, "rotation_deg": 180.0,
+                    "scale_range": [0.7, 1.3], "elastic_prob": 1.0, "brightness_prob": 0.0, "contrast_prob": 0.0,
+                    "gamma_prob": 0.0, "noise_prob": 0.0, "blur_prob": 0.0, "context": 1.5},
+        "contrast": {"temperature": 0.1, "loss_scale": 0.1 / 0.07, "proj_dim": 512, "threshold": [0.1],
+                     "position": "index", "axes": "z"},
+        "log_every": 50, "checkpoint_every": 1000, "probe_every": 2000,
+    },
+}
+
+
+def resolve_pretrain_config(
+    preset: str | None = None, yaml_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> PretrainConfig:
+    """Defaults <- preset <- YAML <- overrides (each a nested dict), validated."""
+    cfg = PretrainConfig()
+    try:
+        if preset:
+            if preset not in PRETRAIN_PRESETS:
+                raise InputError("--preset", f"unknown preset {preset!r}; choose one of {', '.join(PRETRAIN_PRESETS)}")
+            cfg = merge(cfg, PRETRAIN_PRESETS[preset])
+        if yaml_data:
+            cfg = merge(cfg, yaml_data)
+        if overrides:
+            cfg = merge(cfg, _drop_none(overrides))
+    except ValueError as exc:
+        raise InputError("config", str(exc)) from None
+    return cfg.validate()
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if not v:
+                continue
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
+    try:
+        return from_dict(PretrainConfig, data).validate()
+    except ValueError as exc:
+        raise InputError("config", str(exc)) from None
+
+
+__all__ = [
+    "PRETRAIN_PRESETS",
+    "ContrastConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PretrainConfig",
+    "config_from_dict",
+    "resolve_pretrain_config",
+    "to_dict",
+]

@@ -1,0 +1,47 @@
+"""What every pretraining method provides to the engine.
+
+A method is an ``nn.Module`` holding the backbone, its heads and any state (queues, momentum copies). The
+engine calls, per step: ``prepare(raw, step, gen, device)`` (device-side views, no autograd) ->
+``forward(batch) -> (loss, logs)`` (through DDP) -> ``after_step(step)``. Parts of the backbone a method does
+not train are frozen (``requires_grad=False``) so DDP and the optimiser never see them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from volcontrast.engine.config import PretrainConfig
+from volcontrast.nets.base import Backbone
+from volcontrast.views.geometry import CaseTable
+
+
+class PretrainMethod(nn.Module):
+    name: str = "method"
+    uses_decoder: bool = False
+
+    def __init__(self, backbone: Backbone, config: PretrainConfig, table: CaseTable):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.table = table
+        if not self.uses_decoder:
+            for part in (backbone.decoder, backbone.seg_head):
+                part.requires_grad_(False)
+
+    def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+        raise NotImplementedError  # pragma: no cover - every method overrides it
+
+    def after_step(self, step: int) -> None:
+        """Hook after the optimiser step (momentum encoders, queues). Default: nothing."""
+
+    def log_columns(self) -> list[str]:
+        return []
+
+    @torch.no_grad()
+    def pooled_features(self, x: Tensor) -> Tensor:
+        """(B, C) global average of the deepest encoder stage: what the probe reads."""
+        deepest = self.backbone.encode(x)[-1]
+        return deepest.flatten(2).mean(-1)

@@ -1,0 +1,104 @@
+"""SimCLR, GCL and PCL: one masked InfoNCE (METHODS.md sections 0-1), three positive masks.
+
+Each item (a 3D crop or a 2D slice) is augmented twice; the 2M views pass the encoder together, the deepest
+stage is pooled and projected (PCL head: Linear(C, C) -> ReLU -> Linear(C, D)), embeddings and positions are
+gathered across DDP ranks, and the positive mask decides who is a friend:
+
+- SimCLR: only the other view of the same item;
+- GCL: same partition of the body axis (S equal partitions), any volume;
+- PCL: |p_a - p_b| < lambda (per axis for ``axes="xyz"``), any volume; both views always positive.
+
+Positions are ``body`` (normalised body-box coordinate of the view centre, default) or ``index`` (slice
+index / number of slices of the resampled volume, paper parity); see :mod:`volcontrast.views.geometry`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from volcontrast import dist
+from volcontrast.engine.config import PretrainConfig
+from volcontrast.losses.info_nce import info_nce
+from volcontrast.methods.base import PretrainMethod
+from volcontrast.nets.base import Backbone
+from volcontrast.nets.heads import GlobalProjectionHead
+from volcontrast.spatial.masks import gcl_positive_mask, pcl_positive_mask, simclr_positive_mask, view_item_ids
+from volcontrast.views.augment import augment
+from volcontrast.views.geometry import CaseTable, view_geometry
+
+DIAGNOSTICS = ["mean_positives", "pos_cosine", "neg_cosine", "collapse_value", "embedding_spread"]
+
+
+class ContrastiveMethod(PretrainMethod):
+    """Two views per item, a global projection head, and a positive mask from the views' positions."""
+
+    def __init__(self, backbone: Backbone, config: PretrainConfig, table: CaseTable):
+        super().__init__(backbone, config, table)
+        c = config.contrast
+        width = backbone.encoder_channels[-1]
+        self.head = GlobalProjectionHead(width, out_dim=c.proj_dim, hidden_dim=c.proj_hidden or width)
+
+    def positive_mask(self, positions: Tensor, item_ids: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def positions_of(self, geometry) -> Tensor:
+        c = self.config.contrast
+        return geometry.positions(c.position, c.axes)
+
+    def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
+        crop = tuple(self.config.data.crop_size)
+        boxes = raw["boxes"].to(device, non_blocking=True)
+        m = boxes.shape[0]
+        both = torch.cat([boxes, boxes])  # view 1 of every item, then view 2
+        out = augment(both, crop, self.config.augment, gen)
+        case_index = torch.cat([raw["case_index"], raw["case_index"]])
+        box_lower = torch.cat([raw["box_lower"], raw["box_lower"]])
+        geometry = view_geometry(case_index, box_lower, out.voxel_to_box, crop, self.table, out.params)
+        positions = self.positions_of(geometry).to(device=device, dtype=torch.float32)
+        ids = view_item_ids(m, 2, offset=dist.rank() * m, device=device)
+        return {"views": out.views, "positions": positions, "item_ids": ids, "n_samples": 2 * m,
+                "geometry": geometry}
+
+    def embed(self, views: Tensor) -> Tensor:
+        return self.head(self.backbone.encode(views)[-1])
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        z = self.embed(batch["views"])
+        positions = dist.gather_no_grad(batch["positions"])
+        ids = dist.gather_no_grad(batch["item_ids"])
+        mask = self.positive_mask(positions, ids)
+        c = self.config.contrast
+        out = info_nce(z, mask, c.temperature, loss_scale=c.loss_scale, gather=True)
+        return out.loss, {k: out.diagnostics[k] for k in DIAGNOSTICS}
+
+    def log_columns(self) -> list[str]:
+        return [*DIAGNOSTICS, "collapse_warning"]
+
+
+class SimCLR(ContrastiveMethod):
+    name = "simclr"
+
+    def positive_mask(self, positions: Tensor, item_ids: Tensor) -> Tensor:
+        return simclr_positive_mask(item_ids)
+
+
+class GCL(ContrastiveMethod):
+    name = "gcl"
+
+    def positive_mask(self, positions: Tensor, item_ids: Tensor) -> Tensor:
+        return gcl_positive_mask(positions, self.config.contrast.partitions, item_ids)
+
+
+class PCL(ContrastiveMethod):
+    name = "pcl"
+
+    def positive_mask(self, positions: Tensor, item_ids: Tensor) -> Tensor:
+        threshold = self.config.contrast.threshold
+        if positions.ndim == 2 and len(threshold) == 1:
+            threshold = threshold * positions.shape[1]
+        return pcl_positive_mask(positions, threshold if positions.ndim == 2 else threshold[0], item_ids)
+
+

@@ -1,0 +1,139 @@
+"""CPU side of the view pipeline: cut boxes out of memory-mapped cached volumes, nothing else.
+
+A sampler is a map-style dataset indexed by the **training step**: ``sampler[step]`` returns the whole batch
+of boxes for that step, drawn with ``np.random.default_rng([seed, step, rank])``. Data order is therefore a
+pure function of (seed, step, rank): a resumed run sees exactly the batches an uninterrupted run would have,
+and DataLoader workers (``batch_size=None``) prefetch whole steps in parallel.
+
+Each loaded volume gives several boxes (``crops_per_volume``) so one page-cache read is amortised over many
+crops. A box is larger than the final crop (``box_size`` >= ``crop_size``) to leave room for the rotation and
+scaling done later on the training device (:mod:`volcontrast.views.augment`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from volcontrast.data.cache import Cache
+
+
+def cut_box(array: np.ndarray, lower: np.ndarray, size: tuple[int, ...], pad_value: float) -> np.ndarray:
+    """``array[..., lower:lower+size]`` over the last ``len(size)`` axes, padding outside with ``pad_value``."""
+    nd = len(size)
+    spatial = array.shape[-nd:]
+    out = np.full(array.shape[:-nd] + tuple(size), pad_value, dtype=np.float32)
+    src, dst = [], []
+    for lo, n, dim in zip(lower, size, spatial):
+        a, b = max(int(lo), 0), min(int(lo) + n, dim)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - int(lo), b - int(lo)))
+    lead = (slice(None),) * (array.ndim - nd)
+    out[(*lead, *dst)] = array[(*lead, *src)]
+    return out
+
+
+@dataclass
+class BoxSamplerConfig:
+    """How boxes are drawn for one step."""
+
+    crop_size: tuple[int, ...]  # final view size (3 values for 3D, 2 for 2D)
+    box_size: tuple[int, ...]  # box cut on the CPU (>= crop_size): context for device-side augmentation
+    volumes_per_batch: int = 2
+    crops_per_volume: int = 4
+    dim: int = 3  # 3: crops; 2: axial slices (paper parity)
+
+
+class BoxSampler(torch.utils.data.Dataset):
+    """Step-indexed batches of boxes from cached volumes.
+
+    ``sampler[step]`` -> dict of arrays:
+        ``boxes``: (M, C, *box_size) float32, M = volumes_per_batch * crops_per_volume;
+        ``box_lower``: (M, 3) int64, cached voxel index of the box's first voxel (2D: (x0, y0, z));
+        ``case_index``: (M,) int64, index into ``case_ids``;
+        ``crop_lower``: (M, 3) int64, cached voxel index where the *unaugmented* crop would start.
+    """
+
+    def __init__(self, cache_root: str | os.PathLike, case_ids: list[str], config: BoxSamplerConfig, *,
+                 seed: int = 0, rank: int = 0, steps: int = 1):
+        if len(config.crop_size) != config.dim or len(config.box_size) != config.dim:
+            raise ValueError(f"crop_size and box_size need {config.dim} values")
+        if any(b < c for b, c in zip(config.box_size, config.crop_size)):
+            raise ValueError("box_size must be >= crop_size on every axis")
+        self.root = Path(cache_root)
+        self.case_ids = list(case_ids)
+        self.config = config
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.steps = int(steps)
+        self._cache: Cache | None = None
+        # check sizes once, in the main process (clear error naming the case)
+        self.cache.check_min_size(config.crop_size, self.case_ids)
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            self._cache = Cache(self.root)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None  # each worker opens its own memory maps
+        return state
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def rng(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, int(step), self.rank, 0x5A3])
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        cfg = self.config
+        rng = self.rng(step)
+        n = len(self.case_ids)
+        volumes = rng.choice(n, size=cfg.volumes_per_batch, replace=n < cfg.volumes_per_batch)
+        boxes, box_lower, crop_lower, case_index = [], [], [], []
+        for v in volumes:
+            cid = self.case_ids[int(v)]
+            image = self.cache.image(cid)
+            shape = np.asarray(image.shape[1:])
+            pad_value = float(image.min()) if image.size < 2_000_000 else float(image[(0, 0, 0, 0)])
+            for _ in range(cfg.crops_per_volume):
+                if cfg.dim == 3:
+                    lo_crop = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape, cfg.crop_size)])
+                    lo_box = lo_crop - (np.asarray(cfg.box_size) - np.asarray(cfg.crop_size)) // 2
+                    box = cut_box(image, lo_box, cfg.box_size, pad_value)
+                    lower3 = lo_box
+                    crop3 = lo_crop
+                else:
+                    z = int(rng.integers(0, shape[2]))
+                    lo_crop = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape[:2], cfg.crop_size)])
+                    lo_box = lo_crop - (np.asarray(cfg.box_size) - np.asarray(cfg.crop_size)) // 2
+                    box = cut_box(image[..., z], lo_box, cfg.box_size, pad_value)
+                    lower3 = np.array([lo_box[0], lo_box[1], z])
+                    crop3 = np.array([lo_crop[0], lo_crop[1], z])
+                boxes.append(box)
+                box_lower.append(lower3)
+                crop_lower.append(crop3)
+                case_index.append(int(v))
+        return {
+            "boxes": np.stack(boxes).astype(np.float32, copy=False),
+            "box_lower": np.asarray(box_lower, dtype=np.int64),
+            "crop_lower": np.asarray(crop_lower, dtype=np.int64),
+            "case_index": np.asarray(case_index, dtype=np.int64),
+        }
+
+
+def box_size_for(crop_size: tuple[int, ...], context: float) -> tuple[int, ...]:
+    """Box size giving ``context`` x the crop (rounded up to even extra margins)."""
+    out = []
+    for c in crop_size:
+        extra = int(np.ceil(c * (context - 1.0) / 2.0)) * 2
+        out.append(c + max(extra, 0))
+    return tuple(out)

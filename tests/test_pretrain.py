@@ -1,0 +1,120 @@
+"""Pretraining through the engine: resume determinism, run folder contract, CLI errors, each method runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from volcontrast.cli import main
+from volcontrast.config import load_yaml
+from volcontrast.engine.config import resolve_pretrain_config
+from volcontrast.engine.pretrain import pretrain
+from volcontrast.engine.run import read_log
+
+TINY = {"data": {"crop_size": [16, 16, 16], "workers": 0}, "probe_crops": 8, "log_every": 2,
+        "checkpoint_every": 4}
+
+
+def _cfg(**kw):
+    over = json.loads(json.dumps(TINY))
+    for k, v in kw.items():
+        if isinstance(v, dict):
+            over.setdefault(k, {}).update(v)
+        else:
+            over[k] = v
+    return resolve_pretrain_config("cpu-tiny", None, over)
+
+
+def test_resume_repeats_an_uninterrupted_run_exactly(phantom_cache, tmp_path):
+    full = pretrain(phantom_cache, tmp_path / "full", _cfg(steps=12), progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop(row):
+        if row["step"] == 10:  # after the step-8 checkpoint, before the step-12 one
+            raise Interrupt
+
+    from volcontrast.engine import pretrain as pretrain_mod
+
+    real_fit = pretrain_mod.fit
+    with pytest.raises(Interrupt):
+        pretrain_mod.fit = lambda *a, **k: real_fit(*a, **k, on_log=stop)
+        try:
+            pretrain(phantom_cache, tmp_path / "cut", _cfg(steps=12), progress=False)
+        finally:
+            pretrain_mod.fit = real_fit
+    assert json.loads((tmp_path / "cut" / "model.json").read_text())["step"] == 8
+    pretrain(phantom_cache, tmp_path / "cut", resume=True, progress=False)
+    a = read_log(tmp_path / "full" / "log.csv")
+    b = read_log(tmp_path / "cut" / "log.csv")
+    assert [r["step"] for r in b] == [2, 4, 6, 8, 10, 12]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "lr", "mean_positives", "pos_cosine"):
+            assert ra[key] == rb[key], (ra["step"], key)
+    wa = load_file(str(tmp_path / "full" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    assert full.steps == 12
+
+
+def test_run_folder_contract(phantom_cache, tmp_path):
+    pretrain(phantom_cache, tmp_path / "run", _cfg(steps=4, method="simclr"), progress=False)
+    run = tmp_path / "run"
+    cfg = load_yaml(run / "config.yaml")
+    assert cfg["method"] == "simclr" and cfg["steps"] == 4
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["kind"] == "pretrain" and meta["step"] == 4 and meta["backbone_prefix"] == "backbone."
+    assert meta["architecture"]["name"] == "plain_unet" and meta["preprocessing"]["spacing"]
+    weights = load_file(str(run / "model.safetensors"))
+    assert any(k.startswith("backbone.encoder.") for k in weights) and any(k.startswith("head.") for k in weights)
+    rows = read_log(run / "log.csv")
+    assert [r["step"] for r in rows] == [2, 4] and all("lr" in r and "loss" in r for r in rows)
+    assert "probe_r2_z" in rows[-1]
+    assert list((run / "tb").iterdir())
+    state = torch.load(run / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 4 and "optimizer" in state
+
+
+@pytest.mark.parametrize("method", ["simclr", "gcl", "pcl"])
+@pytest.mark.parametrize("dim", [2, 3])
+def test_each_method_trains_in_2d_and_3d(phantom_cache, tmp_path, method, dim):
+    crop = [16, 16, 16] if dim == 3 else [16, 16]
+    cfg = _cfg(steps=4, method=method, dim=dim, data={"crop_size": crop})
+    result = pretrain(phantom_cache, tmp_path / "run", cfg, progress=False)
+    assert torch.isfinite(torch.tensor(result.last_loss))
+    if method == "simclr":
+        assert result.history[-1]["mean_positives"] == pytest.approx(1.0)
+    else:
+        assert result.history[-1]["mean_positives"] >= 1.0
+
+
+def _run(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_cli_pretrain_errors(phantom_cache, tmp_path, capsys):
+    base = ["pretrain", phantom_cache, "--preset", "cpu-tiny", "--crop", 16, "--crop", 16, "--crop", 16, "--steps", 2,
+            "--quiet"]
+    code, err = _run([*base, "--out", tmp_path / "run"], capsys)
+    assert code == 0 and "pretrained 2 steps" in err
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    code, err = _run([*base, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "already holds a run; use --resume" in err
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before  # nothing lost
+    code, err = _run(["pretrain", phantom_cache, "--out", tmp_path / "big", "--crop", 64, "--crop", 64, "--crop", 64,
+                      "--steps", 1, "--quiet"], capsys)
+    assert code == 2 and "image.npy: case" in err and "smaller than the requested crop (64, 64, 64)" in err
+    code, err = _run(["pretrain", phantom_cache, "--out", tmp_path / "m", "--method", "byol", "--quiet"], capsys)
+    assert code == 2 and "unknown method 'byol'" in err
+    code, err = _run(["pretrain", phantom_cache, "--out", tmp_path / "nothing", "--resume", "--quiet"], capsys)
+    assert code == 2 and "nothing to resume" in err
+    code, err = _run(["pretrain", tmp_path / "nocache", "--out", tmp_path / "x", "--quiet"], capsys)
+    assert code == 2 and "not a volcontrast cache" in err
