@@ -66,6 +66,13 @@ def write_nnunet(root: Path, n: int = 3, orientations=("RAS", "LPS", "PSL"), mod
 
 def write_dicom_series(folder: Path, array_xyz: np.ndarray, spacing=(1.0, 1.5, 2.0), origin=(0.0, 0.0, 0.0)) -> None:
     """Write an int16 (X, Y, Z) array as an axial DICOM series (LPS geometry as DICOM defines it)."""
+    from volcontrast.io.readers import preserve_locale
+
+    with preserve_locale():
+        _write_dicom_series(folder, array_xyz, spacing, origin)
+
+
+def _write_dicom_series(folder: Path, array_xyz: np.ndarray, spacing, origin) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.transpose(array_xyz.astype(np.int16), (2, 1, 0)))
     image.SetSpacing(spacing)

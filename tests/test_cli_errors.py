@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from helpers import phantom, write_nnunet
 from volcontrast.cli import main
 from volcontrast.data.prepare import prepare_dataset
 from volcontrast.io import save_volume
+
+from helpers import phantom, write_nnunet
 
 
 def run_cli(args, capsys):

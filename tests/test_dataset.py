@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from helpers import phantom, write_dicom_series, write_nnunet
 from volcontrast.data.dataset import open_dataset
 from volcontrast.errors import InputError
 from volcontrast.io import save_volume
+
+from helpers import phantom, write_dicom_series, write_nnunet
 
 
 def _msd(root, n=2, test=1):

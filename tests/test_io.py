@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from helpers import write_dicom_series
 from volcontrast.errors import InputError
 from volcontrast.io import load_volume, orientation_affine, read_geometry, save_volume
+
+from helpers import write_dicom_series
 
 NIB_DATA = importlib.resources.files("nibabel") / "tests" / "data"
 
@@ -147,3 +148,12 @@ def test_label_dtype_and_deterministic_gzip(tmp_path):
     # NIfTI gzip from nibabel is deterministic (no mtime), so equal inputs give equal bytes
     p2 = save_volume(tmp_path / "l2.nii.gz", lab, np.eye(4))
     assert gzip.decompress(p.read_bytes()) == gzip.decompress(p2.read_bytes())
+
+
+def test_dicom_reading_keeps_the_process_locale(tmp_path):
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    write_dicom_series(tmp_path / "s", np.zeros((4, 4, 3)))
+    load_volume(tmp_path / "s")
+    assert locale.setlocale(locale.LC_ALL) == before

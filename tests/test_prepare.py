@@ -6,13 +6,14 @@ import os
 import numpy as np
 import pytest
 
-from helpers import phantom, write_nnunet
 from volcontrast.data import prepare as prepare_mod
 from volcontrast.data.cache import open_cache
 from volcontrast.data.prepare import PrepareSettings, prepare_dataset
 from volcontrast.data.preprocess import resample_grid, resample_label
 from volcontrast.errors import InputError
 from volcontrast.io import load_volume, orientation_affine, save_volume
+
+from helpers import phantom, write_nnunet
 
 
 def _world(affine, ijk):

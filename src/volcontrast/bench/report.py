@@ -67,7 +67,7 @@ def _format_value(v: Any) -> str:
 
 
 def _read_header(path: Path) -> list[str]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         first = f.readline()
     header = next(csv.reader([first]), [])
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -137,7 +137,7 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise InputError(p, "results file not found")
     header = _read_header(p)
     rows = []
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         next(reader, None)
         for values in reader:

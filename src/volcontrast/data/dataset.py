@@ -95,7 +95,7 @@ def _check_unique(cases: list[Case], where: Path) -> list[Case]:
 
 def _read_dataset_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(path, f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -198,13 +198,16 @@ def _open_list(path: Path) -> Dataset:
     base = path.parent
     rows: list[dict]
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "image" not in [h.strip() for h in reader.fieldnames]:
                 raise InputError(path, 'CSV needs a header with an "image" column (and optional "label", "id")')
             rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     else:
-        data = _read_dataset_json(path) if path.read_text().lstrip().startswith("{") else json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"not valid JSON: {exc}") from None
         if isinstance(data, dict):
             data = data.get("training", data.get("cases"))
         if not isinstance(data, list):

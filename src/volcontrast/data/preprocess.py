@@ -64,7 +64,7 @@ def resample_grid(
 def resample_image(array: np.ndarray, grid: ResampleGrid, order: int = 1) -> np.ndarray:
     """Resample (X, Y, Z) or (C, X, Y, Z) float data onto ``grid`` (order 1 linear, 3 cubic; edge values)."""
     if grid.is_identity():
-        return np.asarray(array, dtype=np.float32)
+        return np.array(array, dtype=np.float32, copy=True)  # callers normalise the result in place
     if array.ndim == 4:
         return np.stack([resample_image(a, grid, order) for a in array])
     out = ndimage.affine_transform(

@@ -94,7 +94,7 @@ class CSVLog:
         self.path = Path(path)
         self.columns = list(columns)
         if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
+            with open(self.path, newline="", encoding="utf-8") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(float(r["step"])) <= resume_step]
             self._rewrite(rows)
         elif not self.path.exists() or resume_step is None:
@@ -109,7 +109,7 @@ class CSVLog:
         atomic_write_bytes(self.path, buf.getvalue().encode())
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             writer.writerow({k: _fmt(v) for k, v in row.items()})
 
@@ -123,7 +123,7 @@ def _fmt(v: Any) -> Any:
 def read_log(path: str | os.PathLike) -> list[dict[str, float]]:
     """``log.csv`` rows as dicts of floats (empty cells omitted)."""
     out = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for r in csv.DictReader(f):
             out.append({k: float(v) for k, v in r.items() if v not in ("", None)})
     return out

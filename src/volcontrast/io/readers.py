@@ -7,7 +7,10 @@ the file.
 
 from __future__ import annotations
 
+import contextlib
+import locale
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +46,23 @@ def scan_suffix(path: str | os.PathLike) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def preserve_locale() -> Iterator[None]:
+    """GDCM (SimpleITK's DICOM layer) resets the process locale to "C"; put it back afterwards."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def is_dicom_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     if not p.is_dir():
         return False
     try:
-        return len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))) > 0
+        with preserve_locale():
+            return len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))) > 0
     except RuntimeError:
         return False
 
@@ -94,6 +108,11 @@ def _sitk_to_raw(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_dicom_series(path: Path) -> sitk.Image:
+    with preserve_locale():
+        return _read_dicom_series_unguarded(path)
+
+
+def _read_dicom_series_unguarded(path: Path) -> sitk.Image:
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
     if not ids:
         raise InputError(path, "folder holds no DICOM series")

@@ -31,7 +31,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -63,7 +63,7 @@ def read_json(path: str | os.PathLike) -> Any:
     if not p.is_file():
         raise InputError(p, "file not found")
     try:
-        return json.loads(p.read_text())
+        return json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise InputError(p, f"not valid JSON: {exc}") from None
 
