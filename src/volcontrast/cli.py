@@ -140,6 +140,75 @@ def pretrain(
           f"data wait {100 * result.data_wait:.1f}%), final loss {result.last_loss:.4f} -> {out}")
 
 
+# --------------------------------------------------------------------------------------------- finetune
+
+
+@app.command()
+def finetune(
+    cache: Path = typer.Argument(..., help="Cache folder (labelled cases are split into folds)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
+    init: str | None = typer.Option(None, "--init", help="A pretraining run folder, or 'scratch' (default)."),
+    labeled: int | None = typer.Option(None, "--labeled", min=0, help="Labelled training volumes (0 = all)."),
+    fold: int | None = typer.Option(None, "--fold", min=0, help="Test fold (never trained on)."),
+    folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default 3)."),
+    steps: int | None = typer.Option(None, "--steps", min=1),
+    preset: str | None = typer.Option(None, "--preset", help="cpu-tiny | cpu-small | gpu-3d | pcl-paper."),
+    config: Path | None = typer.Option(None, "--config", help="YAML config."),
+    load: str | None = typer.Option(None, "--load", help="encoder (default) or all (encoder + decoder)."),
+    dim: str | None = typer.Option(None, "--dim", help="2d or 3d (must match the pretraining run)."),
+    seed: int | None = typer.Option(None, "--seed"),
+    crop: list[int] | None = typer.Option(None, "--crop", help="Patch size, repeat per axis."),
+    resume: bool = typer.Option(False, "--resume"),
+    device: str | None = typer.Option(None, "--device"),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Fine-tune a segmentation network with few labels (encoder from a pretraining run or scratch)."""
+    from volcontrast.config import load_yaml
+    from volcontrast.engine.finetune import finetune as run_finetune
+    from volcontrast.engine.finetune import resolve_finetune_config
+
+    overrides = {"init": init, "labeled": labeled, "fold": fold, "folds": folds, "load": load, "dim": _dim(dim),
+                 "seed": seed, "device": device, "data": {"crop_size": list(crop) if crop else None}}
+    cfg = None if resume else resolve_finetune_config(preset, load_yaml(config) if config else None, overrides)
+    result = run_finetune(cache, out, cfg, resume=resume, steps=steps, progress=not quiet)
+    val = result.history[-1].get("val_dice") if result.history else None
+    _echo(f"fine-tuned {result.steps} steps in {result.seconds:.1f} s, final loss {result.last_loss:.4f}"
+          + (f", validation Dice {val:.3f}" if val is not None else "") + f" -> {out}")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A fine-tuned run folder."),
+    data: Path = typer.Option(..., "--data", help="The cache it was trained on."),
+    fold: int | None = typer.Option(None, "--fold", min=0, help="Test fold (default: the run's own)."),
+    last: bool = typer.Option(False, "--last", help="Score the last weights instead of the validation choice."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Sliding-window Dice and HD95 per case and class on the test fold -> RUN/metrics.json."""
+    from volcontrast.engine.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(run, data, fold, checkpoint="last" if last else "best", progress=not quiet)
+    typer.echo(result["table"])
+    _echo(f"mean Dice {result['aggregate']['mean_dice']:.4f} over {result['aggregate']['n_cases']} test cases "
+          f"(fold {result['fold']}, {result['checkpoint']} checkpoint) -> {run / 'metrics.json'}")
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="A fine-tuned run folder."),
+    scans: list[Path] = typer.Argument(..., help="Scans to segment (NIfTI, NRRD, MHA, MGZ, DICOM folders)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the segmentations."),
+    last: bool = typer.Option(False, "--last", help="Use the last weights instead of the validation choice."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Segment scans; each result is written in the scan's own geometry and format."""
+    from volcontrast.engine.predict import predict_scans
+
+    source = run / "best" if not last and (run / "best" / "model.safetensors").is_file() else run
+    paths = predict_scans(source, scans, out, progress=not quiet)
+    _echo(f"wrote {len(paths)} segmentation(s) to {out}")
+
+
 # ------------------------------------------------------------------------------------------------ bench
 
 

@@ -24,10 +24,13 @@ from torch import Tensor, nn
 
 from volcontrast import dist
 from volcontrast.engine.run import CSVLog, RunDir, load_module_state, load_trainer_state, load_weights
+from volcontrast.nets.base import deduplicated_state_dict
 
 
 class TrainTask(Protocol):
-    module: nn.Module
+    module: nn.Module  # trained (and DDP-wrapped); its forward(batch) returns (loss, logs)
+    # optional ``export_module``: the part written to model.safetensors (default: ``module``); the rest of
+    # ``module``'s state then travels in trainer_state.pt so --resume is still exact
 
     def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
         """Move a raw loader batch to ``device`` and build the model inputs (no autograd)."""
@@ -161,9 +164,13 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, s, device)
     start = 0
+    export = getattr(task, "export_module", module)
     if resume:
-        load_module_state(module, load_weights(run.root), run.root / "model.safetensors")
         state = load_trainer_state(run.root)
+        if export is module:
+            load_module_state(module, load_weights(run.root), run.root / "model.safetensors")
+        else:
+            load_module_state(module, state["module_state"], run.root / "trainer_state.pt")
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         module.to(device)
@@ -275,8 +282,10 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
             if done % s.checkpoint_every == 0 or done == s.steps:
                 if main:
                     state = {"step": done, "optimizer": optimizer.state_dict()}
+                    if export is not module:
+                        state["module_state"] = deduplicated_state_dict(module)
                     keep = s.keep_every > 0 and done % s.keep_every == 0
-                    run.save(module, task.model_json(), state, done, keep)
+                    run.save(export, task.model_json(), state, done, keep)
                 dist.barrier()
     finally:
         progress.close()

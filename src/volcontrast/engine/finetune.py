@@ -1,0 +1,297 @@
+"""``volcontrast finetune``: few-label supervised training (METHODS.md section 5) through the shared engine.
+
+The labelled cases of the cache are split into folds (:mod:`volcontrast.bench.splits`); fold ``fold`` is the
+test fold and is never touched here. A validation split is carved from the training fold and used only to
+choose the checkpoint (``RUN/best/``); ``labeled`` training volumes are drawn with the protocol's seed (the
+same draw for every method). The encoder comes from a pretraining run (decoder fresh, or ``load="all"``) or
+from scratch. Loss: Dice + CE (MONAI). The run records its split and labelled ids in ``RUN/split.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from volcontrast import __version__, dist
+from volcontrast.bench.splits import Split, kfold_splits, label_budget
+from volcontrast.config import from_dict, load_yaml, merge, save_yaml, to_dict
+from volcontrast.data.cache import Cache
+from volcontrast.engine.config import ModelConfig, OptimConfig
+from volcontrast.engine.inference import sliding_window_probabilities
+from volcontrast.engine.run import RunDir, load_model_json, load_weights, save_checkpoint
+from volcontrast.engine.trainer import FitResult, LoopSettings, fit
+from volcontrast.errors import InputError
+from volcontrast.nets import build_backbone, load_encoder_state
+from volcontrast.nets.base import Backbone
+from volcontrast.utils.files import atomic_write_json
+from volcontrast.views.augment import AugmentConfig, augment, sample_views
+from volcontrast.views.label_sampler import LabelledBoxSampler, LabelSamplerConfig
+from volcontrast.views.sampler import box_size_for
+
+
+@dataclass
+class FinetuneData:
+    crop_size: tuple[int, ...] = (32, 32, 32)
+    batch_size: int = 2
+    foreground_prob: float = 0.33
+    workers: int = 0
+    prefetch: int = 2
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 200
+    seed: int = 0  # label draw and training randomness
+    split_seed: int = 0  # the fold assignment (fixed across seeds and methods)
+    fold: int = 0
+    folds: int = 3
+    labeled: int = 0  # labelled training volumes (0 = every training case of the fold)
+    val_fraction: float = 0.2
+    init: str = "scratch"  # "scratch" or a pretraining run folder
+    load: str = "encoder"  # encoder | all (encoder + decoder from the pretraining run)
+    dim: int = 3
+    data: FinetuneData = field(default_factory=FinetuneData)
+    model: ModelConfig = field(default_factory=ModelConfig)  # used when init = scratch
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-3, weight_decay=1e-4, warmup_steps=10))
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(rotation_deg=15.0, scale_range=(0.85, 1.15),
+                                                                         spatial_prob=0.3, context=1.3))
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    val_every: int = 0  # validation (for checkpoint choice) every K steps; 0 = only at the end
+    val_overlap: float = 0.25
+    amp: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    log_every: int = 10
+    checkpoint_every: int = 100
+
+    def validate(self) -> FinetuneConfig:
+        if self.dim == 2 and len(self.data.crop_size) == 3:
+            self.data.crop_size = tuple(self.data.crop_size[:2])
+        if len(self.data.crop_size) != self.dim:
+            raise InputError("data.crop_size", f"needs {self.dim} values for {self.dim}D")
+        if self.load not in ("encoder", "all"):
+            raise InputError("--load", "must be encoder or all")
+        if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
+            self.augment.flip_axes = (0, 1)
+        return self
+
+
+FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-tiny": {"steps": 20, "data": {"crop_size": [24, 24, 24], "batch_size": 2}, "log_every": 5},
+    "cpu-small": {"steps": 300, "data": {"crop_size": [32, 32, 32], "batch_size": 4}, "val_every": 100},
+    "gpu-3d": {"steps": 4000, "data": {"crop_size": [96, 96, 96], "batch_size": 2, "workers": 6},
+               "model": {"preset": "nnunet-3d"}, "optim": {"lr": 1e-3, "warmup_steps": 100, "grad_clip": 12.0},
+               "val_every": 500, "log_every": 50, "checkpoint_every": 500},
+    "pcl-paper": {"dim": 2, "steps": 2000, "data": {"crop_size": [256, 256], "batch_size": 10},
+                  "optim": {"name": "adamw", "lr": 5e-5, "min_lr": 5e-6, "weight_decay": 1e-5}, "dice_weight": 0.0,
+                  "val_every": 200},
+}
+
+
+def resolve_finetune_config(preset: str | None = None, yaml_data: dict | None = None,
+                            overrides: dict | None = None) -> FinetuneConfig:
+    from volcontrast.engine.config import _drop_none
+
+    cfg = FinetuneConfig()
+    try:
+        if preset:
+            if preset not in FINETUNE_PRESETS:
+                raise InputError("--preset", f"unknown preset {preset!r}; choose one of {', '.join(FINETUNE_PRESETS)}")
+            cfg = merge(cfg, FINETUNE_PRESETS[preset])
+        if yaml_data:
+            cfg = merge(cfg, yaml_data)
+        if overrides:
+            cfg = merge(cfg, _drop_none(overrides))
+    except ValueError as exc:
+        raise InputError("config", str(exc)) from None
+    return cfg.validate()
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + Dice/CE loss: ``forward(batch) -> (loss, logs)`` for the engine."""
+
+    def __init__(self, net: Backbone, num_classes: int, dice_weight: float, ce_weight: float):
+        super().__init__()
+        from monai.losses import DiceCELoss
+
+        self.net = net
+        self.num_classes = num_classes
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight,
+                               batch=True)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.net(batch["views"])
+        target = batch["labels"][:, None].long()
+        if isinstance(out, list):  # deep supervision: full resolution first, halve the weight per level
+            weights = [0.5**i for i in range(len(out))]
+            loss = sum(w * self.loss(o.float(), nn.functional.interpolate(target.float(), size=o.shape[2:]).long())
+                       for w, o in zip(weights, out)) / sum(weights)
+        else:
+            loss = self.loss(out.float(), target)
+        return loss, {}
+
+
+class SegmentationTask:
+    def __init__(self, model: SegmentationModel, config: FinetuneConfig, cache: Cache, val_ids: list[str],
+                 run: RunDir, model_json: dict[str, Any]):
+        self.module = model
+        self.export_module = model.net
+        self.config = config
+        self.cache = cache
+        self.val_ids = val_ids
+        self.run = run
+        self._model_json = model_json
+        self.best: tuple[float, int] | None = None
+
+    def prepare(self, raw, step, gen, device):
+        crop = tuple(self.config.data.crop_size)
+        boxes = raw["boxes"].to(device, non_blocking=True)
+        labels = raw["label_boxes"].to(device, non_blocking=True)
+        out = augment(boxes, crop, self.config.augment, gen)
+        lab = sample_views(labels[:, None].float(), out.voxel_to_box, crop, mode="nearest")[:, 0]
+        return {"views": out.views, "labels": lab.round().to(torch.uint8), "n_samples": boxes.shape[0]}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def log_columns(self) -> list[str]:
+        return ["val_dice"]
+
+    def model_json(self) -> dict[str, Any]:
+        best = {"best_step": self.best[1], "best_val_dice": self.best[0]} if self.best else {}
+        return {**self._model_json, **best}
+
+    def validate(self) -> float:
+        """Mean foreground Dice over the validation cases (sliding window on the cached grid)."""
+        net = self.module.net
+        device = next(net.parameters()).device
+        dices = []
+        for cid in self.val_ids:
+            probs = sliding_window_probabilities(net, self.cache.image(cid), self.config.data.crop_size,
+                                                 overlap=self.config.val_overlap, device=device)
+            pred = probs.argmax(0).numpy()
+            truth = np.asarray(self.cache.label(cid))
+            for c in range(1, self.module.num_classes):
+                p, t = pred == c, truth == c
+                if p.any() or t.any():
+                    dices.append(2.0 * np.logical_and(p, t).sum() / (p.sum() + t.sum()))
+        return float(np.mean(dices)) if dices else float("nan")
+
+    def periodic(self, step: int, final: bool) -> dict[str, float]:
+        every = self.config.val_every
+        if not self.val_ids or not (final or (every and step % every == 0)):
+            return {}
+        dice = self.validate()
+        if self.best is None or dice > self.best[0]:
+            self.best = (dice, step)
+            save_checkpoint(self.run.root / "best", self.module.net,
+                            {**self._model_json, "step": step, "val_dice": dice}, None)
+        return {"val_dice": dice}
+
+
+def resolve_split(cache: Cache, config: FinetuneConfig) -> tuple[Split, list[str]]:
+    """The fold's split of the labelled cases and the labelled training ids for the budget."""
+    labelled = cache.labelled_ids
+    if len(labelled) < config.folds:
+        raise InputError(cache.root, f"only {len(labelled)} labelled cases; need at least --folds {config.folds}")
+    splits = kfold_splits(labelled, config.folds, seed=config.split_seed, val_fraction=config.val_fraction)
+    if not 0 <= config.fold < len(splits):
+        raise InputError("--fold", f"must be in 0..{len(splits) - 1}")
+    split = splits[config.fold]
+    train = label_budget(split, config.labeled, config.seed) if config.labeled else list(split.train)
+    return split, train
+
+
+def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[Backbone, str]:
+    """Backbone for fine-tuning and a one-line description of its initialisation."""
+    num_classes = max(2, cache.num_classes)
+    torch.manual_seed(config.seed)
+    if config.init == "scratch":
+        net = build_backbone(config.model.backbone, dim=config.dim, in_channels=cache.channels,
+                             num_classes=num_classes, preset=config.model.preset, **config.model.overrides)
+        return net, "scratch"
+    run = Path(config.init)
+    meta = load_model_json(run)
+    if meta.get("kind") != "pretrain":
+        raise InputError(run / "model.json", "--init must be a pretraining run folder (kind 'pretrain')")
+    if int(meta.get("dim", 3)) != config.dim:
+        raise InputError(run / "model.json", f"pretraining run is {meta.get('dim')}D but --dim is {config.dim}D")
+    arch = dict(meta["architecture"])
+    arch.update(num_classes=num_classes, in_channels=cache.channels)
+    net = build_backbone(**arch)
+    weights = load_weights(run)
+    prefix = meta.get("backbone_prefix", "backbone.")
+    try:
+        report = load_encoder_state(net, weights, source_prefix=prefix, strict=True)
+    except ValueError as exc:
+        raise InputError(run / "model.safetensors", str(exc)) from None
+    if config.load == "all":
+        dec = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix + "decoder.")}
+        net.load_state_dict(dec, strict=False)
+    parts = f"{len(report.loaded)} encoder tensors" + (", decoder" if config.load == "all" else "")
+    return net, f"{meta.get('method')} run {run} ({parts})"
+
+
+def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: FinetuneConfig | None = None, *,
+             resume: bool = False, steps: int | None = None, progress: bool = True) -> FitResult:
+    """Fine-tune a segmentation network on few labelled volumes; writes the run folder ``out``."""
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    run = RunDir(out)
+    if resume:
+        if not (run.root / "config.yaml").is_file() or not run.exists():
+            raise InputError(run.root, "nothing to resume here (no config.yaml / model.json)")
+        config = from_dict(FinetuneConfig, load_yaml(run.root / "config.yaml")).validate()
+    else:
+        if (run.root / "config.yaml").exists() or run.exists():
+            raise InputError(run.root, "already holds a run; use --resume to continue it or choose another --out")
+        config = (config or FinetuneConfig()).validate()
+    if steps is not None:
+        config.steps = steps
+    dist.init_distributed_from_env()
+    split, train_ids = resolve_split(cache, config)
+    net, init_note = build_segmentation_backbone(cache, config)
+    crop = tuple(config.data.crop_size)
+    try:
+        net.check_input_size(crop)
+    except ValueError as exc:
+        raise InputError("data.crop_size", str(exc)) from None
+    sampler = LabelledBoxSampler(
+        cache.root, train_ids,
+        LabelSamplerConfig(crop_size=crop, box_size=box_size_for(crop, config.augment.context),
+                           batch_size=config.data.batch_size, foreground_prob=config.data.foreground_prob,
+                           dim=config.dim),
+        seed=config.seed, rank=dist.rank(), steps=config.steps)
+    model = SegmentationModel(net, max(2, cache.num_classes), config.dice_weight, config.ce_weight)
+    label_names = {str(k): v for k, v in cache.label_names.items()}
+    model_json = {
+        "kind": "segmentation", "architecture": net.arch_config(), "dim": config.dim, "patch_size": list(crop),
+        "preprocessing": cache.manifest.get("resolved"),
+        "channel_names": cache.manifest.get("dataset", {}).get("channel_names"),
+        "label_names": label_names, "init": config.init, "init_note": init_note,
+        "fold": config.fold, "labeled_cases": train_ids, "cache": str(Path(cache.root).resolve()),
+        "config": to_dict(config), "volcontrast_version": __version__,
+    }
+    if dist.rank() == 0:
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_yaml(run.root / "config.yaml", config)
+        atomic_write_json(run.root / "split.json", {**split.to_dict(), "labeled": train_ids})
+    task = SegmentationTask(model, config, cache, list(split.val), run, model_json)
+    if resume and (run.root / "best" / "model.json").is_file():
+        best = load_model_json(run.root / "best")
+        task.best = (float(best["val_dice"]), int(best["step"]))
+    o = config.optim
+    settings = LoopSettings(
+        steps=config.steps, seed=config.seed, lr=o.lr, warmup_steps=o.warmup_steps, min_lr=o.min_lr,
+        optimizer=o.name, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas, grad_clip=o.grad_clip,
+        amp=config.amp, compile=config.compile, device=config.device, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, workers=config.data.workers, prefetch=config.data.prefetch,
+        progress=progress, description=f"finetune ({init_note.split(' ')[0]}, {len(train_ids)} labelled)",
+    )
+    return fit(task, sampler, run, settings, resume=resume)
