@@ -263,3 +263,12 @@ def test_refuses_a_folder_with_other_data(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not a volcontrast synthetic cohort"):
         generate_cohort(tmp_path, cases=1, size=(16, 16, 16), progress=False)
     assert json.loads((tmp_path / "dataset.json").read_text())["name"] == "mine"
+
+
+def test_fixed_field_of_view_gives_one_protocol_and_bad_fov_is_rejected():
+    cases = [synthesize_case(i, size=(24, 24, 24), fov="chest") for i in range(4)]
+    assert {c.protocol for c in cases} == {"chest"}
+    varied = {synthesize_case(i, size=(24, 24, 24)).protocol for i in range(12)}
+    assert len(varied) > 1
+    with pytest.raises(InputError, match="--fov"):
+        synthesize_case(0, size=(24, 24, 24), fov="head")

@@ -53,13 +53,14 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical files)."),
     size: tuple[int, int, int] = typer.Option((96, 96, 96), "--size", help="Matrix size X Y Z (voxels)."),
     preview: bool = typer.Option(False, "--preview", help="Also write preview.png (slices with label overlay)."),
+    fov: str = typer.Option("varied", "--fov", help="varied, or one body range for every case (e.g. chest_abdomen)."),
 ) -> None:
     """Write the built-in synthetic torso cohort (nnU-Net v2 raw layout, with landmark files)."""
     from volcontrast.data.synth import generate_cohort
 
     if modality not in ("ct", "mr"):
         raise InputError("--modality", f"must be ct or mr, got {modality!r}")
-    path = generate_cohort(out, cases=cases, modality=modality, seed=seed, size=size, preview=preview)
+    path = generate_cohort(out, cases=cases, modality=modality, seed=seed, size=size, preview=preview, fov=fov)
     _echo(f"wrote {cases} {modality.upper()} cases to {path}")
 
 
@@ -209,6 +210,73 @@ def predict(
     _echo(f"wrote {len(paths)} segmentation(s) to {out}")
 
 
+# -------------------------------------------------------------------------------------- benchmark, demo
+
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(what, f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def benchmark(
+    cache: Path = typer.Argument(..., help="Cache folder with labelled cases."),
+    out: Path = typer.Option(..., "--out", help="Folder for runs, results.csv, results.md and results.png."),
+    methods: str | None = typer.Option(None, "--methods", help="e.g. scratch,simclr,gcl,pcl,pcl@2d,scratch@2d."),
+    labeled: str | None = typer.Option(None, "--labeled", help="Label budgets, e.g. 1,2,4."),
+    folds: int | None = typer.Option(None, "--folds", min=2),
+    run_folds: str | None = typer.Option(None, "--run-folds", help="Only these folds, e.g. 0,1."),
+    seeds: str | None = typer.Option(None, "--seeds", help="e.g. 0,1,2."),
+    pretrain_steps: int | None = typer.Option(None, "--pretrain-steps", min=1),
+    finetune_steps: int | None = typer.Option(None, "--finetune-steps", min=1),
+    pretrain_preset: str | None = typer.Option(None, "--pretrain-preset"),
+    finetune_preset: str | None = typer.Option(None, "--finetune-preset"),
+    transductive: bool = typer.Option(False, "--transductive", help="Pretrain on every image, test fold included."),
+    config: Path | None = typer.Option(None, "--config", help="YAML with BenchmarkConfig fields."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Folds x seeds x label budgets x methods, resumable -> results.csv, results.md, results.png."""
+    from volcontrast.bench.benchmark import BenchmarkConfig, config_with, run_benchmark
+    from volcontrast.config import from_dict, load_yaml
+
+    base = BenchmarkConfig()
+    if config:
+        try:
+            base = from_dict(BenchmarkConfig, load_yaml(config), where=str(config))
+        except ValueError as exc:
+            raise InputError(config, str(exc)) from None
+    over = {
+        "methods": [m for m in methods.split(",") if m.strip()] if methods else None,
+        "labeled": _int_list(labeled, "--labeled"), "folds": folds, "run_folds": _int_list(run_folds, "--run-folds"),
+        "seeds": _int_list(seeds, "--seeds"), "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
+        "pretrain_preset": pretrain_preset, "finetune_preset": finetune_preset,
+        "transductive": transductive or None,
+    }
+    try:
+        cfg = config_with(base, over)
+    except ValueError as exc:
+        raise InputError("benchmark", str(exc)) from None
+    results = run_benchmark(cache, out, cfg, progress=not quiet, log=_echo)
+    typer.echo((out / "results.md").read_text(encoding="utf-8") if (out / "results.md").exists() else "")
+    _echo(f"results: {results}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("volcontrast-demo"), "--out", help="Where the runs and results go."),
+    folds: str | None = typer.Option(None, "--folds", help="Test folds to run (default 0; 0,1,2 for all three)."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """The whole path on the built-in cohort: synth -> prepare -> pretrain PCL/SimCLR -> fine-tune -> table."""
+    from volcontrast.bench.demo import run_demo
+
+    run_demo(out, folds=_int_list(folds, "--folds"), progress=not quiet, log=_echo)
+
+
 # ------------------------------------------------------------------------------------------------ bench
 
 
@@ -223,6 +291,34 @@ def bench_prepare(
     from volcontrast.bench.prepare import run_prepare_benchmark
 
     run_prepare_benchmark(cases=cases, size=size, workers=workers, out=out)
+
+
+@bench_app.command("pretrain")
+def bench_pretrain(
+    method: str = typer.Option("pcl", "--method"),
+    preset: str = typer.Option("cpu-tiny", "--preset", help="Pretraining preset (gpu-3d: 96³ nnU-Net, 16 views)."),
+    cache: Path | None = typer.Option(None, "--cache", help="A prepared cache (default: a generated cohort)."),
+    crop: list[int] | None = typer.Option(None, "--crop", help="Crop size, repeat per axis."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Timed steps (after --warmup)."),
+    warmup: int = typer.Option(5, "--warmup", min=1),
+    workers: int | None = typer.Option(None, "--workers", min=0),
+    volumes: int | None = typer.Option(None, "--volumes", min=1, help="Volumes per batch."),
+    crops_per_volume: int | None = typer.Option(None, "--crops-per-volume", min=1),
+    backbone: str | None = typer.Option(None, "--backbone"),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (and the reference)."),
+    no_reference: bool = typer.Option(False, "--no-reference", help="Skip the bare DynUNet reference step."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON."),
+) -> None:
+    """Time the pretraining pipeline: samples/s, data-wait %, peak memory, MFU, vs a bare DynUNet step."""
+    from volcontrast.bench.speed import run_pretrain_benchmark
+    from volcontrast.utils.files import atomic_write_json
+
+    result = run_pretrain_benchmark(
+        method=method, preset=preset, cache=str(cache) if cache else None, crop=list(crop) if crop else None,
+        steps=steps, warmup=warmup, workers=workers, compile=compile, reference=not no_reference,
+        backbone=backbone, volumes=volumes, crops_per_volume=crops_per_volume)
+    if json_out:
+        atomic_write_json(json_out, result)
 
 
 # ------------------------------------------------------------------------------------------------ entry

@@ -188,7 +188,9 @@ class SynthCase:
         }
 
 
-def _check_args(modality: str, size: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]]:
+def _check_args(modality: str, size: tuple[int, int, int], fov: str = "varied") -> tuple[str, tuple[int, int, int]]:
+    if fov != "varied" and fov not in PROTOCOLS:
+        raise InputError("--fov", f"unknown field of view {fov!r} (choose varied or one of {', '.join(PROTOCOLS)})")
     modality = str(modality).lower()
     if modality not in MODALITIES:
         raise InputError("--modality", f"unknown modality {modality!r} (choose ct or mr)")
@@ -198,10 +200,16 @@ def _check_args(modality: str, size: tuple[int, int, int]) -> tuple[str, tuple[i
     return modality, size_t  # type: ignore[return-value]
 
 
-def sample_pose(rng: np.random.Generator, subject: Subject, size: tuple[int, int, int]) -> Pose:
-    """Draw the field of view (protocol, extent, spacing), body placement and stored orientation."""
-    names = list(PROTOCOLS)
-    protocol = names[int(rng.choice(len(names), p=[PROTOCOLS[n][0] for n in names]))]
+def sample_pose(rng: np.random.Generator, subject: Subject, size: tuple[int, int, int],
+                fov: str = "varied") -> Pose:
+    """Draw the field of view (protocol, extent, spacing), body placement and stored orientation.
+
+    ``fov="varied"`` draws the protocol from :data:`PROTOCOLS`; a protocol name gives every case that body
+    range (as in a homogeneous cohort, where slice index ~ anatomy: the assumption of PCL's index positions).
+    """
+    names = list(PROTOCOLS) if fov == "varied" else [fov]
+    weights = np.array([PROTOCOLS[n][0] for n in names])
+    protocol = names[int(rng.choice(len(names), p=weights / weights.sum()))]
     _, lo_range, hi_range = PROTOCOLS[protocol]
     z_lo, z_hi = float(rng.uniform(*lo_range)), float(rng.uniform(*hi_range))
     codes = [c for c, _ in ORIENTATIONS]
@@ -265,11 +273,11 @@ def _structure_stats(subject: Subject, pose: Pose) -> dict[str, tuple[np.ndarray
 
 
 def synthesize_case(index: int, *, modality: str = "ct", seed: int = 0,
-                    size: tuple[int, int, int] = (96, 96, 96)) -> SynthCase:
-    """Make case ``index`` of the cohort ``(seed, modality, size)`` in memory (see the module docstring)."""
-    modality, size = _check_args(modality, size)
+                    size: tuple[int, int, int] = (96, 96, 96), fov: str = "varied") -> SynthCase:
+    """Make case ``index`` of the cohort ``(seed, modality, size, fov)`` in memory (see the module docstring)."""
+    modality, size = _check_args(modality, size, fov)
     subject = sample_subject(np.random.default_rng([seed, index, 0]))
-    pose = sample_pose(np.random.default_rng([seed, index, 1]), subject, size)
+    pose = sample_pose(np.random.default_rng([seed, index, 1]), subject, size, fov)
     label, tissue = _render_grid(subject, pose)
     spacing = tuple(float(v) for v in np.diag(pose.affine)[:3])
     make_image = ct_image if modality == "ct" else mr_image
@@ -302,7 +310,8 @@ def synthesize_case(index: int, *, modality: str = "ct", seed: int = 0,
 
 
 # ------------------------------------------------------------------------------------------- the cohort
-def dataset_json(cases: int, modality: str, seed: int, size: tuple[int, int, int]) -> dict[str, object]:
+def dataset_json(cases: int, modality: str, seed: int, size: tuple[int, int, int],
+                 fov: str = "varied") -> dict[str, object]:
     """The nnU-Net v2 ``dataset.json`` of a synthetic cohort (plus a ``volcontrast_synth`` block)."""
     from volcontrast import __version__
 
@@ -314,7 +323,7 @@ def dataset_json(cases: int, modality: str, seed: int, size: tuple[int, int, int
         "numTraining": cases,
         "file_ending": ".nii.gz",
         "volcontrast_synth": {"version": SYNTH_VERSION, "volcontrast": __version__, "seed": seed,
-                              "modality": modality, "size": list(size), "cases": cases,
+                              "modality": modality, "size": list(size), "cases": cases, "fov": fov,
                               "landmarks": "landmarks/<case>.json", "body_atlas_z_mm": list(BODY_Z)},
     }
 
@@ -361,7 +370,7 @@ def write_case(out: Path, case: SynthCase) -> None:
 
 def generate_cohort(out: str | Path, *, cases: int = 20, modality: str = "ct", seed: int = 0,
                     size: tuple[int, int, int] = (96, 96, 96), preview: bool = False,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, fov: str = "varied") -> Path:
     """Write ``cases`` synthetic cases as an nnU-Net v2 raw dataset in ``out`` and return ``out``.
 
     One case is in memory at a time (~0.4 s and ~60 MB per case at 96³). Re-running with the same arguments
@@ -371,7 +380,7 @@ def generate_cohort(out: str | Path, *, cases: int = 20, modality: str = "ct", s
     Raises:
         InputError: bad ``cases``/``modality``/``size``, or ``out`` holds something other than a cohort.
     """
-    modality, size = _check_args(modality, size)
+    modality, size = _check_args(modality, size, fov)
     if int(cases) < 1:
         raise InputError("--cases", f"need at least 1 case, got {cases}")
     out = Path(out)
@@ -384,8 +393,8 @@ def generate_cohort(out: str | Path, *, cases: int = 20, modality: str = "ct", s
 
         indices = track(indices, description=f"synth {modality} {'x'.join(map(str, size))}", transient=False)
     for i in indices:
-        write_case(out, synthesize_case(i, modality=modality, seed=seed, size=size))
-    _write_json(out / "dataset.json", dataset_json(int(cases), modality, seed, size))
+        write_case(out, synthesize_case(i, modality=modality, seed=seed, size=size, fov=fov))
+    _write_json(out / "dataset.json", dataset_json(int(cases), modality, seed, size, fov))
     if preview:
         from volcontrast.data.synth_preview import write_preview
 

@@ -55,6 +55,8 @@ class FinetuneConfig:
     val_fraction: float = 0.2
     init: str = "scratch"  # "scratch" or a pretraining run folder
     load: str = "encoder"  # encoder | all (encoder + decoder from the pretraining run)
+    encoder_lr_scale: float = 1.0  # learning-rate factor for a *pretrained* encoder (scratch: always 1)
+    freeze_encoder_steps: int = 0  # keep a *pretrained* encoder fixed for the first N steps (decoder warm-up)
     dim: int = 3
     data: FinetuneData = field(default_factory=FinetuneData)
     model: ModelConfig = field(default_factory=ModelConfig)  # used when init = scratch
@@ -149,6 +151,16 @@ class SegmentationTask:
         self.run = run
         self._model_json = model_json
         self.best: tuple[float, int] | None = None
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        net = self.module.net
+        if self.config.init == "scratch":
+            return [{"params": list(net.parameters())}]
+        enc = list(net.encoder.parameters())
+        ids = {id(p) for p in enc}
+        rest = [p for p in self.module.parameters() if id(p) not in ids]
+        return [{"params": enc, "lr_scale": self.config.encoder_lr_scale,
+                 "frozen_steps": self.config.freeze_encoder_steps}, {"params": rest}]
 
     def prepare(self, raw, step, gen, device):
         crop = tuple(self.config.data.crop_size)

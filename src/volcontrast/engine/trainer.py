@@ -48,6 +48,9 @@ class TrainTask(Protocol):
         """Extra metrics (e.g. a probe) at log steps; returns {} when nothing is due."""
         ...
 
+    # optional: ``parameter_groups() -> list[dict]`` with "params", "lr_scale" (x the schedule's lr) and
+    # "frozen_steps" (lr 0 before that step), e.g. a gentler learning rate for a pretrained encoder
+
 
 @dataclass
 class LoopSettings:
@@ -101,11 +104,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(params: list[nn.Parameter], s: LoopSettings, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], s: LoopSettings,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """SGD or AdamW (fused on CUDA); no weight decay on biases and norms. ``params`` may be groups with
+    ``lr_scale``/``frozen_steps`` entries (see :class:`TrainTask`)."""
     fused = {"fused": True} if device.type == "cuda" else {}
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if params and not isinstance(params[0], dict):
+        params = [{"params": params}]
+    groups = []
+    for g in params:  # type: ignore[union-attr]
+        ps = [p for p in g["params"] if p.requires_grad]
+        extra = {"lr_scale": float(g.get("lr_scale", 1.0)), "frozen_steps": int(g.get("frozen_steps", 0))}
+        groups.append({"params": [p for p in ps if p.ndim > 1], "weight_decay": s.weight_decay, **extra})
+        groups.append({"params": [p for p in ps if p.ndim <= 1], "weight_decay": 0.0, **extra})
+    groups = [g for g in groups if g["params"]]
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, **fused)
     return torch.optim.AdamW(groups, lr=s.lr, betas=s.betas, **fused)
@@ -162,7 +174,8 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
         torch.cuda.reset_peak_memory_stats(device)
     module = task.module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, s, device)
+    groups = task.parameter_groups() if hasattr(task, "parameter_groups") else params
+    optimizer = build_optimizer(groups, s, device)
     start = 0
     export = getattr(task, "export_module", module)
     if resume:
@@ -211,7 +224,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
             t_data = time.perf_counter() - t0
             lr = lr_at(step, s)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = 0.0 if step < g.get("frozen_steps", 0) else lr * g.get("lr_scale", 1.0)
             torch.manual_seed(step_seed(s.seed, step, rank, 1))
             gen = torch.Generator().manual_seed(step_seed(s.seed, step, rank, 2))
             module.train()

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from volcontrast.bench.benchmark import parse_method
+from volcontrast.bench.demo import DEMO_COHORT, demo_config, user_cache_dir
+from volcontrast.engine.config import resolve_pretrain_config
+from volcontrast.engine.finetune import resolve_finetune_config
+
+
+def test_demo_config_resolves_and_compares_scratch_simclr_pcl():
+    cfg = demo_config()
+    assert [parse_method(m, 3)[0] for m in cfg.methods] == ["scratch", "simclr", "pcl"]
+    assert cfg.labeled == [1, 2] and cfg.run_folds == [0]
+    pre = resolve_pretrain_config(cfg.pretrain_preset, None, {**cfg.pretrain, "steps": cfg.pretrain_steps})
+    ft = resolve_finetune_config(cfg.finetune_preset, None, {**cfg.finetune, "steps": cfg.finetune_steps})
+    assert pre.augment.contrast_prob == 0.0 and tuple(pre.data.crop_size) == (16, 16, 16)
+    assert tuple(ft.data.crop_size) == (32, 24, 32)
+    assert DEMO_COHORT["fov"] == "chest_abdomen"
+
+
+def test_user_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VOLCONTRAST_CACHE", str(tmp_path / "c"))
+    assert user_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("VOLCONTRAST_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert user_cache_dir() == tmp_path / "x" / "volcontrast"

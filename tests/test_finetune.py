@@ -1,0 +1,141 @@
+"""Fine-tuning, evaluation and the benchmark protocol on the phantom cache (tiny, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from volcontrast.bench.benchmark import BenchmarkConfig, run_benchmark
+from volcontrast.bench.report import read_results
+from volcontrast.cli import main
+from volcontrast.data.cache import open_cache
+from volcontrast.engine import finetune as finetune_mod
+from volcontrast.engine.config import resolve_pretrain_config
+from volcontrast.engine.evaluate import evaluate
+from volcontrast.engine.finetune import build_segmentation_backbone, finetune, resolve_finetune_config
+from volcontrast.engine.pretrain import pretrain
+from volcontrast.errors import InputError
+
+FT = {"folds": 2, "data": {"crop_size": [16, 16, 16], "batch_size": 2}, "steps": 4, "log_every": 2, "val_every": 2}
+
+
+def _ft(**kw):
+    over = json.loads(json.dumps(FT))
+    over.update(kw)
+    return resolve_finetune_config("cpu-tiny", None, over)
+
+
+@pytest.fixture(scope="module")
+def pretrained(phantom_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pre") / "pcl"
+    cfg = resolve_pretrain_config("cpu-tiny", None, {"steps": 2, "data": {"crop_size": [16, 16, 16]},
+                                                      "probe_crops": 0})
+    pretrain(phantom_cache, run, cfg, progress=False)
+    return run
+
+
+def test_test_fold_never_reaches_training_or_checkpoint_choice(phantom_cache, tmp_path, monkeypatch):
+    seen = {}
+    real_sampler = finetune_mod.LabelledBoxSampler
+    real_validate = finetune_mod.SegmentationTask.validate
+
+    def spy_sampler(root, case_ids, *a, **k):
+        seen["train"] = list(case_ids)
+        return real_sampler(root, case_ids, *a, **k)
+
+    def spy_validate(self):
+        seen.setdefault("val", set()).update(self.val_ids)
+        return real_validate(self)
+
+    monkeypatch.setattr(finetune_mod, "LabelledBoxSampler", spy_sampler)
+    monkeypatch.setattr(finetune_mod.SegmentationTask, "validate", spy_validate)
+    finetune(phantom_cache, tmp_path / "run", _ft(labeled=1, fold=1), progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    test = set(split["test"])
+    assert test and not test & set(seen["train"]) and not test & seen["val"]
+    assert seen["train"] == split["labeled"] and set(split["labeled"]) <= set(split["train"])
+    assert seen["val"] == set(split["val"])
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["kind"] == "segmentation" and meta["labeled_cases"] == split["labeled"]
+    best = json.loads((tmp_path / "run" / "best" / "model.json").read_text())
+    assert best["step"] in (2, 4) and 0.0 <= best["val_dice"] <= 1.0
+
+
+def test_split_and_budget_draws_are_deterministic(phantom_cache, tmp_path):
+    finetune(phantom_cache, tmp_path / "a", _ft(labeled=1), progress=False)
+    finetune(phantom_cache, tmp_path / "b", _ft(labeled=1, init="scratch"), progress=False)
+    a = json.loads((tmp_path / "a" / "split.json").read_text())
+    b = json.loads((tmp_path / "b" / "split.json").read_text())
+    assert a == b
+
+
+def test_pretrained_encoder_is_loaded(phantom_cache, pretrained):
+    cache = open_cache(phantom_cache)
+    net, note = build_segmentation_backbone(cache, _ft(init=str(pretrained)))
+    weights = load_file(str(pretrained / "model.safetensors"))
+    enc = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.encoder.")}
+    state = net.state_dict()
+    assert enc and all(torch.equal(state[k], v) for k, v in enc.items())
+    assert "pcl run" in note
+    # the segmentation head has the cache's classes, not the pretraining run's
+    assert net.num_classes == cache.num_classes
+
+
+def test_finetune_rejects_a_segmentation_run_as_init(phantom_cache, tmp_path):
+    finetune(phantom_cache, tmp_path / "seg", _ft(), progress=False)
+    with pytest.raises(InputError, match="must be a pretraining run"):
+        finetune(phantom_cache, tmp_path / "x", _ft(init=str(tmp_path / "seg")), progress=False)
+
+
+def test_evaluate_writes_metrics_for_the_test_fold(phantom_cache, tmp_path):
+    finetune(phantom_cache, tmp_path / "run", _ft(fold=0), progress=False)
+    result = evaluate(tmp_path / "run", phantom_cache, progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert sorted(metrics["cases"]) == split["test"] and metrics["fold"] == 0
+    assert 0.0 <= result["aggregate"]["mean_dice"] <= 1.0
+    assert "NaN rule" in result["table"]
+    with pytest.raises(InputError, match="were training/validation cases of this run"):
+        evaluate(tmp_path / "run", phantom_cache, fold=1, progress=False)
+
+
+def test_tiny_benchmark_writes_csv_table_png_and_resumes(phantom_cache, tmp_path):
+    cfg = BenchmarkConfig(methods=["scratch", "pcl"], labeled=[1], folds=2, run_folds=[0], seeds=[0],
+                          pretrain_preset="cpu-tiny", finetune_preset="cpu-tiny", pretrain_steps=2,
+                          finetune_steps=2, pretrain={"data": {"crop_size": [16, 16, 16]}, "probe_crops": 0},
+                          finetune={"data": {"crop_size": [16, 16, 16]}})
+    results = run_benchmark(phantom_cache, tmp_path / "bench", cfg, progress=False, log=lambda m: None)
+    rows = read_results(results)
+    assert sorted(r["method"] for r in rows) == ["pcl", "scratch"]
+    assert all(r["labeled"] == 1 and r["fold"] == 0 and 0 <= r["dice"] <= 1 for r in rows)
+    md = (tmp_path / "bench" / "results.md").read_text(encoding="utf-8")
+    assert "| scratch |" in md and "| pcl |" in md
+    png = (tmp_path / "bench" / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same labelled draw for every method
+    runs = tmp_path / "bench" / "runs" / "fold0_seed0"
+    drawn = {m: json.loads((runs / f"finetune_{m}_M1" / "split.json").read_text())["labeled"]
+             for m in ("scratch", "pcl")}
+    assert drawn["scratch"] == drawn["pcl"]
+    # a rerun finds every cell finished and adds nothing
+    run_benchmark(phantom_cache, tmp_path / "bench", cfg, progress=False, log=lambda m: None)
+    assert len(read_results(results)) == 2
+
+
+def test_cli_finetune_evaluate(phantom_cache, tmp_path, capsys):
+    args = ["finetune", str(phantom_cache), "--out", str(tmp_path / "run"), "--preset", "cpu-tiny", "--folds", "2",
+            "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "2", "--quiet"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0 and "fine-tuned 2 steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(tmp_path / "run"), "--data", str(phantom_cache), "--quiet"])
+    out = capsys.readouterr()
+    assert exc.value.code == 0 and "| case | class | Dice | HD95 (mm) |" in out.out and "mean Dice" in out.err
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", str(phantom_cache), "--out", str(tmp_path / "r2"), "--labeled", "9", "--folds", "2",
+              "--quiet"])
+    assert exc.value.code == 2 and "budget" in capsys.readouterr().err
