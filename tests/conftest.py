@@ -25,3 +25,15 @@ def phantom_cache(tmp_path_factory):
                        spacings=[(2.0, 2.0, 3.0), (1.8, 2.2, 2.5), (2.0, 2.0, 3.0), (2.4, 1.9, 3.5)])
     prepare_dataset(raw, root / "cache", workers=1, progress=False)
     return root / "cache"
+
+
+@pytest.fixture(scope="session")
+def synth_cache(tmp_path_factory):
+    """6 synthetic CT cases (40³, one body range) prepared into a cache; returns (raw, cache) folders."""
+    from volcontrast.data.prepare import prepare_dataset
+    from volcontrast.data.synth import generate_cohort
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_cohort(root / "raw", cases=6, size=(40, 40, 40), fov="chest_abdomen", progress=False)
+    prepare_dataset(root / "raw", root / "cache", workers=1, progress=False)
+    return root / "raw", root / "cache"

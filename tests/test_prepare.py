@@ -178,3 +178,19 @@ def test_crop_larger_than_case_is_an_error(tmp_path):
     msg = r"cases/case00/image.npy: case case00 has shape .* smaller than the requested crop \(64, 64, 64\)"
     with pytest.raises(InputError, match=msg):
         c.check_min_size((64, 64, 64))
+
+
+def test_same_data_in_another_folder_gives_the_same_cache(tmp_path):
+    import shutil
+
+    root = write_nnunet(tmp_path / "a" / "raw", n=2, shape=(40, 38, 36))
+    shutil.copytree(root, tmp_path / "b" / "raw")
+    settings = PrepareSettings(stats_samples_per_case=500)  # fewer samples than voxels: a random draw
+    prepare_dataset(root, tmp_path / "a" / "cache", settings, workers=1, progress=False)
+    prepare_dataset(tmp_path / "b" / "raw", tmp_path / "b" / "cache", settings, workers=1, progress=False)
+    a = json.loads((tmp_path / "a" / "cache" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "b" / "cache" / "manifest.json").read_text())
+    assert a["ct_stats"] == b["ct_stats"]
+    for cid in ("case00", "case01"):
+        assert (tmp_path / "a" / "cache" / "cases" / cid / "image.npy").read_bytes() == \
+            (tmp_path / "b" / "cache" / "cases" / cid / "image.npy").read_bytes()

@@ -118,3 +118,39 @@ def test_cli_pretrain_errors(phantom_cache, tmp_path, capsys):
     assert code == 2 and "nothing to resume" in err
     code, err = _run(["pretrain", tmp_path / "nocache", "--out", tmp_path / "x", "--quiet"], capsys)
     assert code == 2 and "not a volcontrast cache" in err
+
+
+def test_collapse_monitor_warns_when_every_pair_is_positive(phantom_cache, tmp_path):
+    # GCL with a single partition makes every pair a positive: the loss is minimal when all embeddings are
+    # equal, so training collapses them on purpose and the monitor must say so
+    cfg = _cfg(steps=40, method="gcl", log_every=4, contrast={"partitions": 1}, optim={"lr": 5e-3})
+    with pytest.warns(UserWarning, match="collapse value"):
+        result = pretrain(phantom_cache, tmp_path / "run", cfg, progress=False)
+    rows = result.history
+    assert rows[-1]["collapse_warning"] == 1.0
+    assert rows[-1]["embedding_spread"] < 0.05
+    assert abs(rows[-1]["loss"] - rows[-1]["collapse_value"]) < 0.01 * rows[-1]["collapse_value"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_gather_negatives(phantom_cache, tmp_path):
+    """The README's multi-GPU line works with gloo on CPU: both ranks train, rank 0 writes one run."""
+    import math
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "volcontrast", "pretrain", str(phantom_cache), "--out", str(tmp_path / "run"), "--preset",
+           "cpu-tiny", "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "4", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("pretrained 4 steps") == 1  # one summary line, from rank 0
+    rows = __import__("volcontrast.engine.run", fromlist=["read_log"]).read_log(tmp_path / "run" / "log.csv")
+    # 2 ranks x (2 volumes x 2 crops x 2 views) = 16 embeddings gathered: collapse value ln(15)
+    assert rows[-1]["collapse_value"] == pytest.approx(math.log(15), rel=1e-4)

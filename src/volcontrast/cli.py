@@ -39,7 +39,11 @@ def _root(
 
 
 def _echo(msg: str) -> None:
-    typer.echo(msg, err=True)
+    """A status line on stderr (from the first rank only under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(msg, err=True)
 
 
 # ------------------------------------------------------------------------------------------------ synth

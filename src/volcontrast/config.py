@@ -122,6 +122,41 @@ def merge(base: T, overrides: dict[str, Any], *, where: str = "config") -> T:
     return from_dict(type(base), data, where=where)
 
 
+def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without None values (recursively; emptied sub-dicts dropped): unset CLI flags change nothing."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = drop_none(v)
+            if not v:
+                continue
+        if v is not None:
+            out[k] = v
+    return out
+
+
+def resolve(cls: type[T], presets: dict[str, dict[str, Any]], preset: str | None = None,
+            yaml_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Defaults <- ``presets[preset]`` <- YAML <- ``overrides`` (nested dicts; None values ignored).
+
+    Raises:
+        InputError: unknown preset, unknown keys or wrong types (one line).
+    """
+    cfg = cls()
+    try:
+        if preset:
+            if preset not in presets:
+                raise InputError("--preset", f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+            cfg = merge(cfg, presets[preset])
+        if yaml_data:
+            cfg = merge(cfg, yaml_data)
+        if overrides:
+            cfg = merge(cfg, drop_none(overrides))
+    except ValueError as exc:
+        raise InputError("config", str(exc)) from None
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -149,7 +149,8 @@ def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground
             mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
     else:
         mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
-    samples = sample_voxels(raw, mask, settings.stats_samples_per_case, seed=int(key[:8], 16))
+    # the draw depends on the case id only, so the same data gives the same statistics wherever it lives
+    samples = sample_voxels(raw, mask, settings.stats_samples_per_case, seed=int(stable_hash(case.id)[:8], 16))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     np.save(tmp, samples)

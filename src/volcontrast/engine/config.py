@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from volcontrast.config import from_dict, merge, to_dict
+from volcontrast.config import resolve, to_dict
 from volcontrast.errors import InputError
 from volcontrast.views.augment import AugmentConfig
 
@@ -144,38 +144,7 @@ def resolve_pretrain_config(
     preset: str | None = None, yaml_data: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
 ) -> PretrainConfig:
     """Defaults <- preset <- YAML <- overrides (each a nested dict), validated."""
-    cfg = PretrainConfig()
-    try:
-        if preset:
-            if preset not in PRETRAIN_PRESETS:
-                raise InputError("--preset", f"unknown preset {preset!r}; choose one of {', '.join(PRETRAIN_PRESETS)}")
-            cfg = merge(cfg, PRETRAIN_PRESETS[preset])
-        if yaml_data:
-            cfg = merge(cfg, yaml_data)
-        if overrides:
-            cfg = merge(cfg, _drop_none(overrides))
-    except ValueError as exc:
-        raise InputError("config", str(exc)) from None
-    return cfg.validate()
-
-
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            v = _drop_none(v)
-            if not v:
-                continue
-        if v is not None:
-            out[k] = v
-    return out
-
-
-def config_from_dict(data: dict[str, Any]) -> PretrainConfig:
-    try:
-        return from_dict(PretrainConfig, data).validate()
-    except ValueError as exc:
-        raise InputError("config", str(exc)) from None
+    return resolve(PretrainConfig, PRETRAIN_PRESETS, preset, yaml_data, overrides)
 
 
 __all__ = [
@@ -185,7 +154,6 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PretrainConfig",
-    "config_from_dict",
     "resolve_pretrain_config",
     "to_dict",
 ]

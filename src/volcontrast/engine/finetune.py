@@ -20,12 +20,12 @@ from torch import Tensor, nn
 
 from volcontrast import __version__, dist
 from volcontrast.bench.splits import Split, kfold_splits, label_budget
-from volcontrast.config import from_dict, load_yaml, merge, save_yaml, to_dict
+from volcontrast.config import resolve, save_yaml, to_dict
 from volcontrast.data.cache import Cache
 from volcontrast.engine.config import ModelConfig, OptimConfig
 from volcontrast.engine.inference import sliding_window_probabilities
 from volcontrast.engine.run import RunDir, load_model_json, load_weights, save_checkpoint
-from volcontrast.engine.trainer import FitResult, LoopSettings, fit
+from volcontrast.engine.trainer import FitResult, fit, loop_settings
 from volcontrast.errors import InputError
 from volcontrast.nets import build_backbone, load_encoder_state
 from volcontrast.nets.base import Backbone
@@ -99,21 +99,8 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
 
 def resolve_finetune_config(preset: str | None = None, yaml_data: dict | None = None,
                             overrides: dict | None = None) -> FinetuneConfig:
-    from volcontrast.engine.config import _drop_none
-
-    cfg = FinetuneConfig()
-    try:
-        if preset:
-            if preset not in FINETUNE_PRESETS:
-                raise InputError("--preset", f"unknown preset {preset!r}; choose one of {', '.join(FINETUNE_PRESETS)}")
-            cfg = merge(cfg, FINETUNE_PRESETS[preset])
-        if yaml_data:
-            cfg = merge(cfg, yaml_data)
-        if overrides:
-            cfg = merge(cfg, _drop_none(overrides))
-    except ValueError as exc:
-        raise InputError("config", str(exc)) from None
-    return cfg.validate()
+    """Defaults <- preset <- YAML <- overrides (each a nested dict), validated."""
+    return resolve(FinetuneConfig, FINETUNE_PRESETS, preset, yaml_data, overrides)
 
 
 class SegmentationModel(nn.Module):
@@ -256,16 +243,7 @@ def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: F
     """Fine-tune a segmentation network on few labelled volumes; writes the run folder ``out``."""
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     run = RunDir(out)
-    if resume:
-        if not (run.root / "config.yaml").is_file() or not run.exists():
-            raise InputError(run.root, "nothing to resume here (no config.yaml / model.json)")
-        config = from_dict(FinetuneConfig, load_yaml(run.root / "config.yaml")).validate()
-    else:
-        if (run.root / "config.yaml").exists() or run.exists():
-            raise InputError(run.root, "already holds a run; use --resume to continue it or choose another --out")
-        config = (config or FinetuneConfig()).validate()
-    if steps is not None:
-        config.steps = steps
+    config = run.open_config(FinetuneConfig, config, resume, steps)
     dist.init_distributed_from_env()
     split, train_ids = resolve_split(cache, config)
     net, init_note = build_segmentation_backbone(cache, config)
@@ -298,12 +276,6 @@ def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: F
     if resume and (run.root / "best" / "model.json").is_file():
         best = load_model_json(run.root / "best")
         task.best = (float(best["val_dice"]), int(best["step"]))
-    o = config.optim
-    settings = LoopSettings(
-        steps=config.steps, seed=config.seed, lr=o.lr, warmup_steps=o.warmup_steps, min_lr=o.min_lr,
-        optimizer=o.name, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas, grad_clip=o.grad_clip,
-        amp=config.amp, compile=config.compile, device=config.device, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, workers=config.data.workers, prefetch=config.data.prefetch,
-        progress=progress, description=f"finetune ({init_note.split(' ')[0]}, {len(train_ids)} labelled)",
-    )
+    settings = loop_settings(config, progress=progress,
+                             description=f"finetune ({init_note.split(' ')[0]}, {len(train_ids)} labelled)")
     return fit(task, sampler, run, settings, resume=resume)

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 
 from volcontrast import __version__, dist
-from volcontrast.config import load_yaml, save_yaml, to_dict
+from volcontrast.config import save_yaml, to_dict
 from volcontrast.data.cache import Cache
-from volcontrast.engine.config import PretrainConfig, config_from_dict
+from volcontrast.engine.config import PretrainConfig
 from volcontrast.engine.probe import BodyPositionProbe
 from volcontrast.engine.run import RunDir
-from volcontrast.engine.trainer import FitResult, LoopSettings, fit
+from volcontrast.engine.trainer import FitResult, fit, loop_settings
 from volcontrast.errors import InputError
 from volcontrast.methods import build_method
 from volcontrast.methods.base import PretrainMethod
@@ -97,18 +97,7 @@ def pretrain(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: P
     """
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     run = RunDir(out)
-    if resume:
-        if not (run.root / "config.yaml").is_file() or not run.exists():
-            raise InputError(run.root, "nothing to resume here (no config.yaml / model.json)")
-        config = config_from_dict(load_yaml(run.root / "config.yaml"))
-        if steps is not None:
-            config.steps = steps
-    else:
-        if (run.root / "config.yaml").exists() or run.exists():
-            raise InputError(run.root, "already holds a run; use --resume to continue it or choose another --out")
-        config = (config or PretrainConfig()).validate()
-        if steps is not None:
-            config.steps = steps
+    config = run.open_config(PretrainConfig, config, resume, steps)
     dist.init_distributed_from_env()
     method, sampler, pool = build_pretraining(cache, config)
     if dist.rank() == 0:
@@ -131,14 +120,6 @@ def pretrain(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: P
     probe = None
     if config.probe_crops > 0 and len(pool) >= 2:
         probe = BodyPositionProbe(cache, pool, tuple(config.data.crop_size), config.probe_crops, seed=config.seed)
-    o = config.optim
-    settings = LoopSettings(
-        steps=config.steps, seed=config.seed, lr=o.lr, warmup_steps=o.warmup_steps, min_lr=o.min_lr,
-        optimizer=o.name, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas, grad_clip=o.grad_clip,
-        amp=config.amp, compile=config.compile, device=config.device, log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every, keep_every=config.keep_every,
-        collapse_patience=config.collapse_patience, workers=config.data.workers, prefetch=config.data.prefetch,
-        progress=progress, description=f"pretrain {config.method}",
-    )
+    settings = loop_settings(config, progress=progress, description=f"pretrain {config.method}")
     task = PretrainTask(method, model_json, probe, config.probe_every)
     return fit(task, sampler, run, settings, resume=resume)

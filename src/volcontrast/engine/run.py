@@ -147,6 +147,25 @@ class RunDir:
             return None
         return int(load_model_json(self.root).get("step", 0))
 
+    def open_config(self, cls: type, config: Any, resume: bool, steps: int | None) -> Any:
+        """The config a run starts or continues with: its saved ``config.yaml`` on resume (``steps`` may
+        extend it), else ``config`` — refusing a folder that already holds a run (nothing is overwritten)."""
+        from volcontrast.config import from_dict, load_yaml
+
+        if resume:
+            if not (self.root / "config.yaml").is_file() or not self.exists():
+                raise InputError(self.root, "nothing to resume here (no config.yaml / model.json)")
+            try:
+                config = from_dict(cls, load_yaml(self.root / "config.yaml"), where=str(self.root / "config.yaml"))
+            except ValueError as exc:
+                raise InputError(self.root / "config.yaml", str(exc)) from None
+        elif (self.root / "config.yaml").exists() or self.exists():
+            raise InputError(self.root, "already holds a run; use --resume to continue it or choose another --out")
+        config = (config or cls()).validate()
+        if steps is not None:
+            config.steps = steps
+        return config
+
     def save(self, model: torch.nn.Module, model_json: dict[str, Any], trainer_state: dict[str, Any], step: int,
              keep: bool) -> None:
         if keep:

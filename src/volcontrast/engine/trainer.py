@@ -77,6 +77,19 @@ class LoopSettings:
     description: str = "train"
 
 
+def loop_settings(config: Any, *, progress: bool, description: str) -> LoopSettings:
+    """LoopSettings from a pretraining or fine-tuning config (``optim``, ``data`` and run fields)."""
+    o, d = config.optim, config.data
+    return LoopSettings(
+        steps=config.steps, seed=config.seed, lr=o.lr, warmup_steps=o.warmup_steps, min_lr=o.min_lr,
+        optimizer=o.name, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas, grad_clip=o.grad_clip,
+        amp=config.amp, compile=config.compile, device=config.device, log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every, keep_every=getattr(config, "keep_every", 0),
+        collapse_patience=getattr(config, "collapse_patience", 3), workers=d.workers, prefetch=d.prefetch,
+        progress=progress, description=description,
+    )
+
+
 @dataclass
 class FitResult:
     run: Path
@@ -190,7 +203,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
     wrapped: nn.Module = module
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
-            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            module, device_ids=[device.index] if device.type == "cuda" else None)
     if s.compile:
         wrapped = torch.compile(wrapped)  # type: ignore[assignment]
     columns = ["step", "loss", "lr", "samples_per_s", "data_wait", "seconds", *task.log_columns()]
@@ -269,11 +282,14 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                     row.update(task.periodic(done, final=done == s.steps))
                 last_loss = row["loss"]
                 if "collapse_value" in row:
+                    # collapse: the loss sits at its all-embeddings-equal value *and* the embeddings have no
+                    # spread (many-positive masks such as GCL's can sit near that value while learning)
                     near = abs(row["loss"] - row["collapse_value"]) < 0.01 * max(row["collapse_value"], 1e-6)
-                    flat = row.get("embedding_spread", 1.0) < 1e-3
+                    spread = row.get("embedding_spread", 1.0)
+                    flat = spread < 1e-3 or (near and spread < 0.05)
                     # random initial networks map every input alike; only judge once training had a chance
                     judged = done >= max(s.warmup_steps, s.steps // 5)
-                    collapse_count = collapse_count + 1 if (judged and (near or flat)) else 0
+                    collapse_count = collapse_count + 1 if (judged and flat) else 0
                     row["collapse_warning"] = float(collapse_count >= s.collapse_patience)
                     if collapse_count == s.collapse_patience:
                         progress.warn(

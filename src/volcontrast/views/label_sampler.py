@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import torch
 
-from volcontrast.data.cache import Cache
-from volcontrast.views.sampler import cut_box
+from volcontrast.views.sampler import StepSampler, cut_box
 
 
 @dataclass
@@ -44,37 +41,20 @@ def class_locations(label: np.ndarray, max_per_class: int, seed: int) -> dict[in
     return out
 
 
-class LabelledBoxSampler(torch.utils.data.Dataset):
+class LabelledBoxSampler(StepSampler):
     """Step-indexed labelled batches: ``boxes`` (B, C, *box), ``label_boxes`` (B, *box) uint8, ``box_lower``
     (B, 3), ``case_index`` (B,)."""
 
     def __init__(self, cache_root: str | os.PathLike, case_ids: list[str], config: LabelSamplerConfig, *,
                  seed: int = 0, rank: int = 0, steps: int = 1):
-        self.root = Path(cache_root)
-        self.case_ids = list(case_ids)
+        super().__init__(cache_root, case_ids, seed=seed, rank=rank, steps=steps)
         self.config = config
-        self.seed, self.rank, self.steps = int(seed), int(rank), int(steps)
-        self._cache: Cache | None = None
         cache = self.cache
         cache.check_min_size(config.crop_size, self.case_ids)
         missing = [cid for cid in self.case_ids if not cache.meta(cid).has_label]
         if missing:
             raise ValueError(f"cases without labels cannot be fine-tuned on: {missing[:5]}")
         self.locations = [class_locations(cache.label(cid), config.max_locations, seed) for cid in self.case_ids]
-
-    @property
-    def cache(self) -> Cache:
-        if self._cache is None:
-            self._cache = Cache(self.root)
-        return self._cache
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_cache"] = None
-        return state
-
-    def __len__(self) -> int:
-        return self.steps
 
     def __getitem__(self, step: int) -> dict[str, np.ndarray]:
         cfg = self.config

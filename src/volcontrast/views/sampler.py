@@ -50,7 +50,32 @@ class BoxSamplerConfig:
     dim: int = 3  # 3: crops; 2: axial slices (paper parity)
 
 
-class BoxSampler(torch.utils.data.Dataset):
+class StepSampler(torch.utils.data.Dataset):
+    """Base of the step-indexed samplers: ``len`` = number of steps, and a lazily opened :class:`Cache`
+    per process (DataLoader workers reopen their own memory maps instead of pickling them)."""
+
+    def __init__(self, cache_root: str | os.PathLike, case_ids: list[str], *, seed: int, rank: int, steps: int):
+        self.root = Path(cache_root)
+        self.case_ids = list(case_ids)
+        self.seed, self.rank, self.steps = int(seed), int(rank), int(steps)
+        self._cache: Cache | None = None
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            self._cache = Cache(self.root)
+        return self._cache
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.steps
+
+
+class BoxSampler(StepSampler):
     """Step-indexed batches of boxes from cached volumes.
 
     ``sampler[step]`` -> dict of arrays:
@@ -66,29 +91,10 @@ class BoxSampler(torch.utils.data.Dataset):
             raise ValueError(f"crop_size and box_size need {config.dim} values")
         if any(b < c for b, c in zip(config.box_size, config.crop_size)):
             raise ValueError("box_size must be >= crop_size on every axis")
-        self.root = Path(cache_root)
-        self.case_ids = list(case_ids)
+        super().__init__(cache_root, case_ids, seed=seed, rank=rank, steps=steps)
         self.config = config
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.steps = int(steps)
-        self._cache: Cache | None = None
         # check sizes once, in the main process (clear error naming the case)
         self.cache.check_min_size(config.crop_size, self.case_ids)
-
-    @property
-    def cache(self) -> Cache:
-        if self._cache is None:
-            self._cache = Cache(self.root)
-        return self._cache
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_cache"] = None  # each worker opens its own memory maps
-        return state
-
-    def __len__(self) -> int:
-        return self.steps
 
     def rng(self, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), self.rank, 0x5A3])
