@@ -139,3 +139,29 @@ def test_cli_finetune_evaluate(phantom_cache, tmp_path, capsys):
         main(["finetune", str(phantom_cache), "--out", str(tmp_path / "r2"), "--labeled", "9", "--folds", "2",
               "--quiet"])
     assert exc.value.code == 2 and "budget" in capsys.readouterr().err
+
+
+def test_finetune_resume_is_exact(phantom_cache, tmp_path):
+    cfg = _ft(steps=6, checkpoint_every=2, val_every=0)
+    finetune(phantom_cache, tmp_path / "full", cfg, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    real_fit = finetune_mod.fit
+
+    def stop(row):
+        if row["step"] == 4:
+            raise Interrupt
+
+    finetune_mod.fit = lambda *a, **k: real_fit(*a, **k, on_log=stop)
+    try:
+        with pytest.raises(Interrupt):
+            finetune(phantom_cache, tmp_path / "cut", _ft(steps=6, checkpoint_every=2, val_every=0), progress=False)
+    finally:
+        finetune_mod.fit = real_fit
+    finetune(phantom_cache, tmp_path / "cut", resume=True, progress=False)
+    a = load_file(str(tmp_path / "full" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(k.startswith(("encoder.", "decoder.", "seg_head.")) for k in a)  # the bare backbone, for predict

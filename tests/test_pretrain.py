@@ -154,3 +154,37 @@ def test_torchrun_two_cpu_ranks_gather_negatives(phantom_cache, tmp_path):
     rows = __import__("volcontrast.engine.run", fromlist=["read_log"]).read_log(tmp_path / "run" / "log.csv")
     # 2 ranks x (2 volumes x 2 crops x 2 views) = 16 embeddings gathered: collapse value ln(15)
     assert rows[-1]["collapse_value"] == pytest.approx(math.log(15), rel=1e-4)
+
+
+def test_pretrain_matches_an_nnunet_plans_json(phantom_cache, tmp_path):
+    from test_nets import _new_format_plans
+
+    plans = tmp_path / "nnUNetPlans.json"
+    plans.write_text(json.dumps(_new_format_plans()))
+    cfg = _cfg(steps=2, model={"plans": str(plans)}, probe_crops=0)
+    pretrain(phantom_cache, tmp_path / "run", cfg, progress=False)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    kw = meta["architecture"]
+    assert kw["features_per_stage"] == [8, 16, 32, 32]
+    assert kw["strides"] == [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+
+
+def test_swin_unetr_pretrains_through_the_engine(tmp_path):
+    from volcontrast.data.prepare import PrepareSettings, prepare_dataset
+
+    from helpers import write_nnunet
+
+    raw = write_nnunet(tmp_path / "raw", n=2, shape=(36, 36, 40))
+    prepare_dataset(raw, tmp_path / "cache", PrepareSettings(spacing=(1.0, 1.0, 1.0)), workers=1, progress=False)
+    # SwinUNETR needs sizes that are multiples of 32 and, in training, one axis >= 64
+    cfg = _cfg(steps=2, model={"backbone": "swin_unetr", "preset": "tiny"}, probe_crops=0, log_every=1,
+               data={"crop_size": [32, 32, 64], "volumes_per_batch": 1, "crops_per_volume": 1})
+    result = pretrain(tmp_path / "cache", tmp_path / "run", cfg, progress=False)
+    assert torch.isfinite(torch.tensor(result.last_loss))
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["architecture"]["name"] == "swin_unetr"
+    bad = _cfg(steps=1, model={"backbone": "swin_unetr", "preset": "tiny"}, data={"crop_size": [24, 24, 24]})
+    from volcontrast.errors import InputError
+
+    with pytest.raises(InputError, match="data.crop_size"):
+        pretrain(tmp_path / "cache", tmp_path / "bad", bad, progress=False)

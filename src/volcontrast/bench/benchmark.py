@@ -3,7 +3,8 @@
 For every fold x seed: the labelled cases are split (:func:`~volcontrast.bench.splits.kfold_splits`), each
 pretraining method is trained once on that fold's pretraining pool (training-fold images, or every image with
 ``transductive``), then every (method, label budget) cell is fine-tuned with the same labelled draw and scored
-on the test fold. One row per cell goes to ``results.csv``; ``results.md`` and ``results.png`` are rewritten
+on the test fold (pretraining runs are shared by folds whose pools are equal, e.g. all folds when transductive).
+One row per cell goes to ``results.csv``; ``results.md`` and ``results.png`` are rewritten
 from it. Finished cells are skipped on a rerun; an interrupted pretraining run is resumed.
 
 Method specs: ``scratch`` (no pretraining) or a pretraining method (``simclr``, ``gcl``, ``pcl``, ...), with an
@@ -30,7 +31,7 @@ from volcontrast.engine.pretrain import pretrain
 from volcontrast.engine.run import RunDir
 from volcontrast.errors import InputError
 from volcontrast.methods import METHODS
-from volcontrast.utils.files import atomic_write_json
+from volcontrast.utils.files import atomic_write_json, stable_hash
 
 
 @dataclass
@@ -100,8 +101,9 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                     continue
                 init = "scratch"
                 if name != "scratch":
-                    init = str(_pretrain_cell(cache, cell_dir / f"pretrain_{label}", config, name, dim, seed, pool,
-                                              progress, log))
+                    # one pretraining run per (method, seed, pool): folds with the same pool (transductive) share it
+                    pre_dir = out / "runs" / "pretrain" / f"{label}_seed{seed}_pool{stable_hash(pool)[:8]}"
+                    init = str(_pretrain_cell(cache, pre_dir, config, name, dim, seed, pool, progress, log))
                 for budget in todo:
                     t0 = time.perf_counter()
                     run = cell_dir / f"finetune_{label}_M{budget}"

@@ -29,6 +29,8 @@ class ModelConfig:
     backbone: str = "plain_unet"  # plain_unet | resenc_unet | swin_unetr
     preset: str = "tiny"
     overrides: dict[str, Any] = field(default_factory=dict)  # architecture fields replacing the preset's
+    plans: str = ""  # an nnU-Net v2 plans.json: build the CNN exactly as nnU-Net would (backbone/preset ignored)
+    plans_configuration: str = "3d_fullres"
 
 
 @dataclass
@@ -83,6 +85,8 @@ class PretrainConfig:
             raise InputError("--dim", f"must be 2d or 3d, got {self.dim}")
         if self.dim == 2 and len(self.data.crop_size) == 3:  # a 3D default crop read as its in-plane size
             self.data.crop_size = tuple(self.data.crop_size[:2])
+        if self.dim == 2 and self.model.preset.endswith("-3d"):  # e.g. nnunet-3d -> nnunet-2d for slices
+            self.model.preset = self.model.preset[:-3] + "-2d"
         if len(self.data.crop_size) != self.dim:
             got = list(self.data.crop_size)
             raise InputError("data.crop_size", f"needs {self.dim} values for {self.dim}D, got {got}")

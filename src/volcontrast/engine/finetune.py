@@ -27,7 +27,7 @@ from volcontrast.engine.inference import sliding_window_probabilities
 from volcontrast.engine.run import RunDir, load_model_json, load_weights, save_checkpoint
 from volcontrast.engine.trainer import FitResult, fit, loop_settings
 from volcontrast.errors import InputError
-from volcontrast.nets import build_backbone, load_encoder_state
+from volcontrast.nets import backbone_from_config, build_backbone, load_encoder_state
 from volcontrast.nets.base import Backbone
 from volcontrast.utils.files import atomic_write_json
 from volcontrast.views.augment import AugmentConfig, augment, sample_views
@@ -76,6 +76,8 @@ class FinetuneConfig:
     def validate(self) -> FinetuneConfig:
         if self.dim == 2 and len(self.data.crop_size) == 3:
             self.data.crop_size = tuple(self.data.crop_size[:2])
+        if self.dim == 2 and self.model.preset.endswith("-3d"):  # e.g. nnunet-3d -> nnunet-2d for slices
+            self.model.preset = self.model.preset[:-3] + "-2d"
         if len(self.data.crop_size) != self.dim:
             raise InputError("data.crop_size", f"needs {self.dim} values for {self.dim}D")
         if self.load not in ("encoder", "all"):
@@ -213,8 +215,8 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
     num_classes = max(2, cache.num_classes)
     torch.manual_seed(config.seed)
     if config.init == "scratch":
-        net = build_backbone(config.model.backbone, dim=config.dim, in_channels=cache.channels,
-                             num_classes=num_classes, preset=config.model.preset, **config.model.overrides)
+        net = backbone_from_config(config.model, dim=config.dim, in_channels=cache.channels,
+                                   num_classes=num_classes)
         return net, "scratch"
     run = Path(config.init)
     meta = load_model_json(run)

@@ -18,7 +18,7 @@ from volcontrast.engine.trainer import FitResult, fit, loop_settings
 from volcontrast.errors import InputError
 from volcontrast.methods import build_method
 from volcontrast.methods.base import PretrainMethod
-from volcontrast.nets import build_backbone
+from volcontrast.nets import backbone_from_config
 from volcontrast.views.geometry import CaseTable
 from volcontrast.views.sampler import BoxSampler, BoxSamplerConfig, box_size_for
 
@@ -68,8 +68,7 @@ def build_pretraining(cache: Cache, config: PretrainConfig) -> tuple[PretrainMet
         raise InputError("data.pool", f"case ids not in the cache: {unknown[:5]}")
     crop = tuple(config.data.crop_size)
     torch.manual_seed(config.seed)
-    backbone = build_backbone(config.model.backbone, dim=config.dim, in_channels=cache.channels, num_classes=2,
-                              preset=config.model.preset, **config.model.overrides)
+    backbone = backbone_from_config(config.model, dim=config.dim, in_channels=cache.channels, num_classes=2)
     try:
         backbone.check_input_size(crop)
     except ValueError as exc:

@@ -9,7 +9,7 @@ State-dict groups: ``encoder.*`` (what pretraining transfers), ``decoder.*``, ``
 (depends on num_classes), ``post_decoder_blocks.*`` (optional per-decoder-stage blocks, e.g. UAFS).
 """
 
-from volcontrast.nets.backbones import build_backbone
+from volcontrast.nets.backbones import backbone_from_config, build_backbone
 from volcontrast.nets.base import (
     Backbone,
     EncoderLoadReport,
@@ -39,6 +39,7 @@ __all__ = [
     "Preset",
     "ProjectionHead",
     "ReconstructionHead",
+    "backbone_from_config",
     "backbone_from_nnunet_plans",
     "build_backbone",
     "count_parameters",
