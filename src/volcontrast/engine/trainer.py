@@ -262,7 +262,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
             total_samples += n_samples
             total_time += t_total
             total_data += t_data
-            acc["loss"] += float(loss.detach()) if is_log or device.type != "cuda" else 0.0
+            acc["loss"] = acc["loss"] + loss.detach().float()  # stays on the device: no sync per step
             acc["n"] += 1
             for k, v in logs.items():  # tensors stay on the device until a log step (no sync per step)
                 v = v.detach().float() if isinstance(v, Tensor) else float(v)
@@ -271,7 +271,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                 n = acc["n"]
                 row: dict[str, float] = {
                     "step": done,
-                    "loss": float(dist.all_reduce_mean(loss.detach().float()).item()),
+                    "loss": float(dist.all_reduce_mean(acc["loss"] / n).item()),  # mean over the interval
                     "lr": lr,
                     "samples_per_s": acc["samples"] / max(acc["total"], 1e-9),
                     "data_wait": acc["data"] / max(acc["total"], 1e-9),

@@ -8,6 +8,7 @@ not train are frozen (``requires_grad=False``) so DDP and the optimiser never se
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from volcontrast.nets.base import Backbone
 from volcontrast.views.geometry import CaseTable
 
 
-class PretrainMethod(nn.Module):
+class PretrainMethod(nn.Module, abc.ABC):
     name: str = "method"
     uses_decoder: bool = False
 
@@ -31,8 +32,9 @@ class PretrainMethod(nn.Module):
             for part in (backbone.decoder, backbone.seg_head):
                 part.requires_grad_(False)
 
+    @abc.abstractmethod
     def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-        raise NotImplementedError  # pragma: no cover - every method overrides it
+        """Device-side views and everything ``forward`` needs for this step (called without autograd)."""
 
     def after_step(self, step: int) -> None:
         """Hook after the optimiser step (momentum encoders, queues). Default: nothing."""

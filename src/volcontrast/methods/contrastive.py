@@ -14,6 +14,7 @@ index / number of slices of the resampled volume, paper parity); see :mod:`volco
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 import torch
@@ -41,8 +42,9 @@ class ContrastiveMethod(PretrainMethod):
         width = backbone.encoder_channels[-1]
         self.head = GlobalProjectionHead(width, out_dim=c.proj_dim, hidden_dim=c.proj_hidden or width)
 
+    @abc.abstractmethod
     def positive_mask(self, positions: Tensor, item_ids: Tensor) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
+        """(M, M) bool positives from gathered positions (M,) or (M, k) and item ids (M,)."""
 
     def positions_of(self, geometry) -> Tensor:
         c = self.config.contrast

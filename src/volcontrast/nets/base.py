@@ -20,6 +20,7 @@ prefix into four groups:
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ SEG_HEAD_PREFIX = "seg_head."
 POST_DECODER_PREFIX = "post_decoder_blocks."
 
 
-class Backbone(nn.Module):
+class Backbone(nn.Module, abc.ABC):
     """Encoder–decoder segmentation network with uniform multi-scale feature access.
 
     Subclasses set the attributes below and implement :meth:`encode` and :meth:`decode`.
@@ -76,6 +77,7 @@ class Backbone(nn.Module):
         self._resolved_kwargs = resolved_kwargs
 
     # ------------------------------------------------------------------ interface
+    @abc.abstractmethod
     def encode(self, x: Tensor) -> list[Tensor]:
         """Encoder stage outputs, shallow → deep.
 
@@ -86,8 +88,8 @@ class Backbone(nn.Module):
             ``len(encoder_channels)`` tensors; tensor i is
             (B, encoder_channels[i], *(spatial // encoder_strides[i])).
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, skips: Sequence[Tensor]) -> list[Tensor]:
         """Decoder stage outputs, deep → shallow (last = full resolution).
 
@@ -101,7 +103,6 @@ class Backbone(nn.Module):
             ``len(decoder_channels)`` tensors; tensor i is
             (B, decoder_channels[i], *(spatial // decoder_strides[i])).
         """
-        raise NotImplementedError
 
     def segment(self, decoder_features: Sequence[Tensor]) -> Tensor | list[Tensor]:
         """Segmentation logits from decoder features (the list returned by :meth:`decode`).
