@@ -9,6 +9,7 @@ from volcontrast.engine.finetune import resolve_finetune_config
 def test_demo_config_resolves_and_compares_scratch_simclr_pcl():
     cfg = demo_config()
     assert [parse_method(m, 3)[0] for m in cfg.methods] == ["scratch", "simclr", "pcl"]
+    assert parse_method("pcl+uafs+pdcr@2d", 3) == ("pcl", 2, ("pdcr", "uafs"))
     assert cfg.labeled == [1, 2] and cfg.run_folds == [0] and cfg.transductive
     pre = resolve_pretrain_config(cfg.pretrain_preset, None, {**cfg.pretrain, "steps": cfg.pretrain_steps})
     ft = resolve_finetune_config(cfg.finetune_preset, None, {**cfg.finetune, "steps": cfg.finetune_steps})

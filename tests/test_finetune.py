@@ -165,3 +165,33 @@ def test_finetune_resume_is_exact(phantom_cache, tmp_path):
     b = load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(k.startswith(("encoder.", "decoder.", "seg_head.")) for k in a)  # the bare backbone, for predict
+
+
+def test_finetune_with_pdcr_and_uafs_from_a_pretrained_encoder(phantom_cache, pretrained, tmp_path):
+    cfg = _ft(init=str(pretrained), pdcr=True, uafs=True, steps=4, log_every=2)
+    result = finetune(phantom_cache, tmp_path / "run", cfg, progress=False)
+    row = result.history[-1]
+    assert row["pdcr_loss"] > 0 and abs(row["loss"] - (row["seg_loss"] + row["pdcr_loss"])) < 1e-4
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["uafs"] is True
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any(k.startswith("post_decoder_blocks.") for k in weights)
+    # the pretrained encoder was loaded into the UAFS network before training
+    assert "pcl run" in meta["init_note"]
+    # evaluate (and so predict's loader) rebuilds the UAFS blocks from model.json
+    metrics = evaluate(tmp_path / "run", phantom_cache, progress=False)
+    assert 0.0 <= metrics["aggregate"]["mean_dice"] <= 1.0
+
+
+def test_pdcr_grid_spacing_follows_the_patch_and_strides(phantom_cache, tmp_path):
+    from volcontrast.engine.finetune import pdcr_grid_spacing
+    from volcontrast.nets import build_backbone
+
+    tiny = build_backbone("plain_unet", preset="tiny", dim=3)
+    assert pdcr_grid_spacing(tiny, [2, 3], (32, 32, 32), 0) == 8
+    assert pdcr_grid_spacing(tiny, [2, 3], (128, 128, 128), 0) == 32
+    assert pdcr_grid_spacing(tiny, [2, 3], (16, 16, 16), 0) == 8
+    assert pdcr_grid_spacing(tiny, [2, 3], (32, 32, 32), 16) == 16
+    with pytest.raises(InputError, match="--pdcr-stages"):
+        finetune(phantom_cache, tmp_path / "bad", _ft(pdcr=True, pdcr_stages=[2, 9]), progress=False)
+    assert not (tmp_path / "bad").exists()  # nothing written for a bad option

@@ -163,6 +163,10 @@ def finetune(
     dim: str | None = typer.Option(None, "--dim", help="2d or 3d (must match the pretraining run)."),
     seed: int | None = typer.Option(None, "--seed"),
     crop: list[int] | None = typer.Option(None, "--crop", help="Patch size, repeat per axis."),
+    pdcr: bool = typer.Option(False, "--pdcr", help="Add the PDCR label-affinity patch contrast."),
+    pdcr_weight: float | None = typer.Option(None, "--pdcr-weight", help="PDCR weight per layer (0.01)."),
+    pdcr_stages: str | None = typer.Option(None, "--pdcr-stages", help="Encoder stages, 0-based (default 2,3)."),
+    uafs: bool = typer.Option(False, "--uafs", help="Insert UAFS blocks after each decoder stage."),
     resume: bool = typer.Option(False, "--resume"),
     device: str | None = typer.Option(None, "--device"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -173,7 +177,9 @@ def finetune(
     from volcontrast.engine.finetune import resolve_finetune_config
 
     overrides = {"init": init, "labeled": labeled, "fold": fold, "folds": folds, "load": load, "dim": _dim(dim),
-                 "seed": seed, "device": device, "data": {"crop_size": list(crop) if crop else None}}
+                 "seed": seed, "device": device, "data": {"crop_size": list(crop) if crop else None},
+                 "pdcr": pdcr or None, "pdcr_weight": pdcr_weight, "uafs": uafs or None,
+                 "pdcr_stages": _int_list(pdcr_stages, "--pdcr-stages")}
     cfg = None if resume else resolve_finetune_config(preset, load_yaml(config) if config else None, overrides)
     result = run_finetune(cache, out, cfg, resume=resume, steps=steps, progress=not quiet)
     val = result.history[-1].get("val_dice") if result.history else None

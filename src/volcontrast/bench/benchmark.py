@@ -7,8 +7,9 @@ on the test fold (pretraining runs are shared by folds whose pools are equal, e.
 One row per cell goes to ``results.csv``; ``results.md`` and ``results.png`` are rewritten
 from it. Finished cells are skipped on a rerun; an interrupted pretraining run is resumed.
 
-Method specs: ``scratch`` (no pretraining) or a pretraining method (``simclr``, ``gcl``, ``pcl``, ...), with an
-optional ``@2d`` / ``@3d`` suffix for the dimension (default ``dim``), e.g. ``scratch,pcl,pcl@2d,scratch@2d``.
+Method specs: ``scratch`` (no pretraining) or a pretraining method (``simclr``, ``gcl``, ``pcl``, ...), optional
+fine-tuning variants ``+pdcr`` / ``+uafs``, and an optional ``@2d`` / ``@3d`` dimension (default ``dim``), e.g.
+``scratch,pcl,pcl@2d,scratch+pdcr+uafs,pcl+pdcr+uafs``. Variants share the pretraining run of their method.
 """
 
 from __future__ import annotations
@@ -54,14 +55,21 @@ class BenchmarkConfig:
     finetune_2d: dict[str, Any] = field(default_factory=dict)  # extra overrides for @2d fine-tuning
 
 
-def parse_method(spec: str, default_dim: int) -> tuple[str, int]:
-    """``"pcl@2d"`` -> ("pcl", 2); ``"scratch"`` -> ("scratch", default_dim)."""
-    name, _, dim = spec.strip().partition("@")
+FINETUNE_VARIANTS = ("pdcr", "uafs")
+
+
+def parse_method(spec: str, default_dim: int) -> tuple[str, int, tuple[str, ...]]:
+    """``"pcl+pdcr@2d"`` -> ("pcl", 2, ("pdcr",)); ``"scratch"`` -> ("scratch", default_dim, ())."""
+    head, _, dim = spec.strip().partition("@")
+    name, *variants = head.split("+")
     if name != "scratch" and name not in METHODS:
         raise InputError("--methods", f"unknown method {name!r}; choose scratch or one of {', '.join(METHODS)}")
+    bad = [v for v in variants if v not in FINETUNE_VARIANTS]
+    if bad:
+        raise InputError("--methods", f"unknown variant {bad[0]!r} in {spec!r}; use +pdcr and/or +uafs")
     if dim and dim.lower() not in ("2d", "3d"):
         raise InputError("--methods", f"bad dimension in {spec!r}; use @2d or @3d")
-    return name, int(dim[0]) if dim else default_dim
+    return name, int(dim[0]) if dim else default_dim, tuple(sorted(set(variants)))
 
 
 def _complete(run: Path, steps: int) -> bool:
@@ -94,15 +102,16 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
         pool = pretraining_pool(split, cache.ids, config.transductive)
         for seed in config.seeds:
             cell_dir = out / "runs" / f"fold{fold}_seed{seed}"
-            for name, dim in specs:
-                label = name if dim == config.dim else f"{name}@{dim}d"
+            for name, dim, variants in specs:
+                base = name if dim == config.dim else f"{name}@{dim}d"
+                label = "+".join([name, *variants]) + ("" if dim == config.dim else f"@{dim}d")
                 todo = [m for m in config.labeled if (label, m, fold, seed) not in done]
                 if not todo:
                     continue
                 init = "scratch"
                 if name != "scratch":
                     # one pretraining run per (method, seed, pool): folds with the same pool (transductive) share it
-                    pre_dir = out / "runs" / "pretrain" / f"{label}_seed{seed}_pool{stable_hash(pool)[:8]}"
+                    pre_dir = out / "runs" / "pretrain" / f"{base}_seed{seed}_pool{stable_hash(pool)[:8]}"
                     init = str(_pretrain_cell(cache, pre_dir, config, name, dim, seed, pool, progress, log))
                 for budget in todo:
                     t0 = time.perf_counter()
@@ -111,7 +120,8 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                         shutil.rmtree(run)  # an unfinished cell: start it again
                     over = merge_dicts(config.finetune, config.finetune_2d if dim == 2 else {})
                     over.update({"init": init, "labeled": budget, "fold": fold, "folds": config.folds,
-                                 "seed": seed, "split_seed": config.split_seed, "dim": dim})
+                                 "seed": seed, "split_seed": config.split_seed, "dim": dim,
+                                 **{v: True for v in variants}})
                     if config.finetune_steps:
                         over["steps"] = config.finetune_steps
                     ft_cfg = resolve_finetune_config(config.finetune_preset, None, over)

@@ -9,6 +9,7 @@ from scratch. Loss: Dice + CE (MONAI). The run records its split and labelled id
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ from volcontrast.engine.inference import sliding_window_probabilities
 from volcontrast.engine.run import RunDir, load_model_json, load_weights, save_checkpoint
 from volcontrast.engine.trainer import FitResult, fit, loop_settings
 from volcontrast.errors import InputError
+from volcontrast.losses.pdcr import PDCRLoss
 from volcontrast.nets import backbone_from_config, build_backbone, load_encoder_state
 from volcontrast.nets.base import Backbone
+from volcontrast.nets.uafs import add_uafs
 from volcontrast.utils.files import atomic_write_json
 from volcontrast.views.augment import AugmentConfig, augment, sample_views
 from volcontrast.views.label_sampler import LabelledBoxSampler, LabelSamplerConfig
@@ -65,6 +68,14 @@ class FinetuneConfig:
                                                                          spatial_prob=0.3, context=1.3))
     dice_weight: float = 1.0
     ce_weight: float = 1.0
+    pdcr: bool = False  # label-affinity patch contrast on encoder features (METHODS.md section 4)
+    pdcr_weight: float = 0.01  # per layer (averaged over layers)
+    pdcr_stages: list[int] = field(default_factory=lambda: [2, 3])  # 0-based encoder stages (3rd and 4th)
+    pdcr_grid: int = 0  # sample every N input voxels; 0 = about patch/4, a multiple of the stages' strides
+    pdcr_windows: list[int] = field(default_factory=list)  # empty: receptive-field cubes; else H-PDCR sizes
+    pdcr_temperature: float = 0.5
+    pdcr_cross_layer: bool = False  # + cross-layer term between the first two stages (weight 0.005)
+    uafs: bool = False  # uncertainty-aware feature re-weighting after each decoder stage
     val_every: int = 0  # validation (for checkpoint choice) every K steps; 0 = only at the end
     val_overlap: float = 0.25
     amp: str = "auto"
@@ -105,10 +116,20 @@ def resolve_finetune_config(preset: str | None = None, yaml_data: dict | None = 
     return resolve(FinetuneConfig, FINETUNE_PRESETS, preset, yaml_data, overrides)
 
 
-class SegmentationModel(nn.Module):
-    """Backbone + Dice/CE loss: ``forward(batch) -> (loss, logs)`` for the engine."""
+def pdcr_grid_spacing(net: Backbone, stages: list[int], crop: tuple[int, ...], requested: int) -> int:
+    """``requested``, or about a quarter of the smallest patch side rounded to a multiple of the stages' strides
+    (at least one stride: e.g. 8 for 32³ patches of the tiny U-Net, 32 for 128³ nnU-Net patches)."""
+    if requested:
+        return requested
+    lattice = math.lcm(*(int(s) for st in stages for s in net.encoder_strides[st]))
+    return max(lattice, (min(crop) // 4) // lattice * lattice)
 
-    def __init__(self, net: Backbone, num_classes: int, dice_weight: float, ce_weight: float):
+
+class SegmentationModel(nn.Module):
+    """Backbone + Dice/CE loss (+ optional PDCR on encoder features): ``forward(batch) -> (loss, logs)``."""
+
+    def __init__(self, net: Backbone, num_classes: int, dice_weight: float, ce_weight: float,
+                 pdcr: nn.Module | None = None):
         super().__init__()
         from monai.losses import DiceCELoss
 
@@ -116,9 +137,11 @@ class SegmentationModel(nn.Module):
         self.num_classes = num_classes
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight,
                                batch=True)
+        self.pdcr = pdcr
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.net(batch["views"])
+        skips = self.net.encode(batch["views"])
+        out = self.net.segment(self.net.decode(skips))
         target = batch["labels"][:, None].long()
         if isinstance(out, list):  # deep supervision: full resolution first, halve the weight per level
             weights = [0.5**i for i in range(len(out))]
@@ -126,7 +149,12 @@ class SegmentationModel(nn.Module):
                        for w, o in zip(weights, out)) / sum(weights)
         else:
             loss = self.loss(out.float(), target)
-        return loss, {}
+        logs: dict[str, Tensor] = {}
+        if self.pdcr is not None:
+            reg = self.pdcr(self.pdcr.select(skips), batch["labels"].long(), generator=batch.get("pdcr_generator"))
+            logs = {"seg_loss": loss.detach(), "pdcr_loss": reg.loss.detach()}
+            loss = loss + reg.loss
+        return loss, logs
 
 
 class SegmentationTask:
@@ -157,13 +185,14 @@ class SegmentationTask:
         labels = raw["label_boxes"].to(device, non_blocking=True)
         out = augment(boxes, crop, self.config.augment, gen)
         lab = sample_views(labels[:, None].float(), out.voxel_to_box, crop, mode="nearest")[:, 0]
-        return {"views": out.views, "labels": lab.round().to(torch.uint8), "n_samples": boxes.shape[0]}
+        return {"views": out.views, "labels": lab.round().to(torch.uint8), "n_samples": boxes.shape[0],
+                "pdcr_generator": gen}
 
     def after_step(self, step: int) -> None:
         pass
 
     def log_columns(self) -> list[str]:
-        return ["val_dice"]
+        return ["val_dice"] + (["seg_loss", "pdcr_loss"] if self.config.pdcr else [])
 
     def model_json(self) -> dict[str, Any]:
         best = {"best_step": self.best[1], "best_val_dice": self.best[0]} if self.best else {}
@@ -217,6 +246,8 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
     if config.init == "scratch":
         net = backbone_from_config(config.model, dim=config.dim, in_channels=cache.channels,
                                    num_classes=num_classes)
+        if config.uafs:
+            add_uafs(net)
         return net, "scratch"
     run = Path(config.init)
     meta = load_model_json(run)
@@ -227,6 +258,8 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
     arch = dict(meta["architecture"])
     arch.update(num_classes=num_classes, in_channels=cache.channels)
     net = build_backbone(**arch)
+    if config.uafs:  # before loading: the pretrained state has no UAFS keys, and needs none
+        add_uafs(net)
     weights = load_weights(run)
     prefix = meta.get("backbone_prefix", "backbone.")
     try:
@@ -260,10 +293,25 @@ def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: F
                            batch_size=config.data.batch_size, foreground_prob=config.data.foreground_prob,
                            dim=config.dim),
         seed=config.seed, rank=dist.rank(), steps=config.steps)
-    model = SegmentationModel(net, max(2, cache.num_classes), config.dice_weight, config.ce_weight)
+    pdcr = None
+    if config.pdcr:
+        stages = list(config.pdcr_stages)
+        if max(stages) >= len(net.encoder_channels):
+            raise InputError("--pdcr-stages", f"the encoder has stages 0..{len(net.encoder_channels) - 1}")
+        try:
+            pdcr = PDCRLoss.for_backbone(
+                net, stages=stages, num_classes=max(2, cache.num_classes),
+                windows=list(config.pdcr_windows) if config.pdcr_windows else "rf",
+                grid_spacing=pdcr_grid_spacing(net, stages, crop, config.pdcr_grid),
+                temperature=config.pdcr_temperature, layer_weight=config.pdcr_weight,
+                cross_layer=config.pdcr_cross_layer)
+        except ValueError as exc:
+            raise InputError("--pdcr", str(exc)) from None
+    model = SegmentationModel(net, max(2, cache.num_classes), config.dice_weight, config.ce_weight, pdcr)
     label_names = {str(k): v for k, v in cache.label_names.items()}
     model_json = {
-        "kind": "segmentation", "architecture": net.arch_config(), "dim": config.dim, "patch_size": list(crop),
+        "kind": "segmentation", "architecture": net.arch_config(), "uafs": config.uafs, "dim": config.dim,
+        "patch_size": list(crop),
         "preprocessing": cache.manifest.get("resolved"),
         "channel_names": cache.manifest.get("dataset", {}).get("channel_names"),
         "label_names": label_names, "init": config.init, "init_note": init_note,

@@ -90,6 +90,10 @@ def load_segmentation_model(
         raise InputError(json_path, f"segmentation run lacks {', '.join(missing)}")
     try:
         model = build_backbone(**model_json["architecture"])
+        if model_json.get("uafs"):
+            from volcontrast.nets.uafs import add_uafs
+
+            add_uafs(model)
     except (InputError, TypeError) as exc:
         problem = exc.problem if isinstance(exc, InputError) else str(exc)
         raise InputError(json_path, f"invalid architecture: {problem}") from None

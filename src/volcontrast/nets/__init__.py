@@ -27,11 +27,13 @@ from volcontrast.nets.heads import (
 from volcontrast.nets.plans import backbone_from_nnunet_plans
 from volcontrast.nets.presets import BACKBONE_NAMES, PRESETS, Preset, list_presets
 from volcontrast.nets.swin import to_monai_state_dict
+from volcontrast.nets.uafs import UAFS, add_uafs, uafs_parameter_prefix
 from volcontrast.nets.unet import to_nnunet_state_dict
 
 __all__ = [
     "BACKBONE_NAMES",
     "PRESETS",
+    "UAFS",
     "Backbone",
     "DenseProjectionHead",
     "EncoderLoadReport",
@@ -39,6 +41,7 @@ __all__ = [
     "Preset",
     "ProjectionHead",
     "ReconstructionHead",
+    "add_uafs",
     "backbone_from_config",
     "backbone_from_nnunet_plans",
     "build_backbone",
@@ -49,4 +52,5 @@ __all__ = [
     "load_encoder_state",
     "to_monai_state_dict",
     "to_nnunet_state_dict",
+    "uafs_parameter_prefix",
 ]
