@@ -220,6 +220,25 @@ def predict(
     _echo(f"wrote {len(paths)} segmentation(s) to {out}")
 
 
+# ------------------------------------------------------------------------------------------- correspond
+
+
+@app.command()
+def correspond(
+    cache: Path = typer.Argument(..., help="Cache folder written by `volcontrast prepare`."),
+    provider: str = typer.Option("body", "--provider", help="body | affine | index."),
+    landmarks: Path | None = typer.Option(
+        None, "--landmarks", help="Folder of <case>.json landmark files (the synthetic cohort writes them)."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Map every cached scan to a common reference frame (stored in the cache); report landmark errors in mm."""
+    from volcontrast.spatial.landmarks import correspond as run_correspond
+
+    report = run_correspond(cache, provider, landmarks, progress=not quiet)
+    _echo(f"{report['provider']}: {report['computed']} computed, {report['reused']} reused, "
+          f"{len(report['failed'])} failed -> {cache / 'correspondence' / report['provider'] / 'report.json'}")
+
+
 # -------------------------------------------------------------------------------------- benchmark, demo
 
 

@@ -1,7 +1,8 @@
-"""Coordinates and spatial priors: normalised positions of slices and crops, and positive masks from them."""
+"""Coordinates and spatial priors: positions of slices and crops, positive masks, cross-scan correspondences."""
 
 from __future__ import annotations
 
+from volcontrast.spatial.correspondence import CorrespondenceProvider, get_provider, map_points, register_provider
 from volcontrast.spatial.masks import (
     gcl_positive_mask,
     pcl_positive_mask,
@@ -11,11 +12,15 @@ from volcontrast.spatial.masks import (
 from volcontrast.spatial.positions import body_position, index_position, partition_index
 
 __all__ = [
+    "CorrespondenceProvider",
     "body_position",
     "gcl_positive_mask",
+    "get_provider",
     "index_position",
+    "map_points",
     "partition_index",
     "pcl_positive_mask",
+    "register_provider",
     "simclr_positive_mask",
     "view_item_ids",
 ]
