@@ -195,3 +195,14 @@ def test_pdcr_grid_spacing_follows_the_patch_and_strides(phantom_cache, tmp_path
     with pytest.raises(InputError, match="--pdcr-stages"):
         finetune(phantom_cache, tmp_path / "bad", _ft(pdcr=True, pdcr_stages=[2, 9]), progress=False)
     assert not (tmp_path / "bad").exists()  # nothing written for a bad option
+
+
+def test_deep_supervision_with_pdcr_and_uafs(phantom_cache, tmp_path):
+    cfg = _ft(deep_supervision=True, pdcr=True, uafs=True, steps=2, log_every=1)
+    result = finetune(phantom_cache, tmp_path / "run", cfg, progress=False)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["architecture"]["deep_supervision"] is True
+    # inference takes the full-resolution output of the deep-supervision list
+    metrics = evaluate(tmp_path / "run", phantom_cache, progress=False)
+    assert 0.0 <= metrics["aggregate"]["mean_dice"] <= 1.0

@@ -76,6 +76,7 @@ class FinetuneConfig:
     pdcr_temperature: float = 0.5
     pdcr_cross_layer: bool = False  # + cross-layer term between the first two stages (weight 0.005)
     uafs: bool = False  # uncertainty-aware feature re-weighting after each decoder stage
+    deep_supervision: bool = False  # Dice+CE on every decoder stage (weights halve per level)
     val_every: int = 0  # validation (for checkpoint choice) every K steps; 0 = only at the end
     val_overlap: float = 0.25
     amp: str = "auto"
@@ -245,7 +246,7 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
     torch.manual_seed(config.seed)
     if config.init == "scratch":
         net = backbone_from_config(config.model, dim=config.dim, in_channels=cache.channels,
-                                   num_classes=num_classes)
+                                   num_classes=num_classes, deep_supervision=config.deep_supervision)
         if config.uafs:
             add_uafs(net)
         return net, "scratch"
@@ -256,7 +257,7 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
     if int(meta.get("dim", 3)) != config.dim:
         raise InputError(run / "model.json", f"pretraining run is {meta.get('dim')}D but --dim is {config.dim}D")
     arch = dict(meta["architecture"])
-    arch.update(num_classes=num_classes, in_channels=cache.channels)
+    arch.update(num_classes=num_classes, in_channels=cache.channels, deep_supervision=config.deep_supervision)
     net = build_backbone(**arch)
     if config.uafs:  # before loading: the pretrained state has no UAFS keys, and needs none
         add_uafs(net)

@@ -62,16 +62,17 @@ def build_backbone(
         raise InputError(f"backbone {name}", str(error) or repr(error)) from error
 
 
-def backbone_from_config(model: Any, *, dim: int, in_channels: int, num_classes: int) -> Backbone:
+def backbone_from_config(model: Any, *, dim: int, in_channels: int, num_classes: int,
+                         deep_supervision: bool = False) -> Backbone:
     """Build from a :class:`~volcontrast.engine.config.ModelConfig`: an nnU-Net plans.json if ``model.plans``
     is set (its dimension must match ``dim``), else ``model.backbone`` + ``model.preset`` + overrides."""
     if getattr(model, "plans", ""):
         from volcontrast.nets.plans import backbone_from_nnunet_plans
 
         net = backbone_from_nnunet_plans(model.plans, model.plans_configuration, in_channels=in_channels,
-                                         num_classes=num_classes)
+                                         num_classes=num_classes, deep_supervision=deep_supervision)
         if net.dim != dim:
             raise InputError(model.plans, f"configuration {model.plans_configuration!r} is {net.dim}D, not {dim}D")
         return net
     return build_backbone(model.backbone, dim=dim, in_channels=in_channels, num_classes=num_classes,
-                          preset=model.preset, **model.overrides)
+                          preset=model.preset, deep_supervision=deep_supervision, **model.overrides)
