@@ -167,6 +167,7 @@ def finetune(
     pdcr_weight: float | None = typer.Option(None, "--pdcr-weight", help="PDCR weight per layer (0.01)."),
     pdcr_stages: str | None = typer.Option(None, "--pdcr-stages", help="Encoder stages, 0-based (default 2,3)."),
     uafs: bool = typer.Option(False, "--uafs", help="Insert UAFS blocks after each decoder stage."),
+    deep_supervision: bool = typer.Option(False, "--deep-supervision", help="Dice+CE on every decoder stage."),
     resume: bool = typer.Option(False, "--resume"),
     device: str | None = typer.Option(None, "--device"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -179,6 +180,7 @@ def finetune(
     overrides = {"init": init, "labeled": labeled, "fold": fold, "folds": folds, "load": load, "dim": _dim(dim),
                  "seed": seed, "device": device, "data": {"crop_size": list(crop) if crop else None},
                  "pdcr": pdcr or None, "pdcr_weight": pdcr_weight, "uafs": uafs or None,
+                 "deep_supervision": deep_supervision or None,
                  "pdcr_stages": _int_list(pdcr_stages, "--pdcr-stages")}
     cfg = None if resume else resolve_finetune_config(preset, load_yaml(config) if config else None, overrides)
     result = run_finetune(cache, out, cfg, resume=resume, steps=steps, progress=not quiet)
