@@ -151,7 +151,7 @@ def test_torchrun_two_cpu_ranks_gather_negatives(phantom_cache, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("pretrained 4 steps") == 1  # one summary line, from rank 0
-    rows = __import__("volcontrast.engine.run", fromlist=["read_log"]).read_log(tmp_path / "run" / "log.csv")
+    rows = read_log(tmp_path / "run" / "log.csv")
     # 2 ranks x (2 volumes x 2 crops x 2 views) = 16 embeddings gathered: collapse value ln(15)
     assert rows[-1]["collapse_value"] == pytest.approx(math.log(15), rel=1e-4)
 

@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -40,7 +41,7 @@ def run_prepare_benchmark(*, cases: int = 8, size: int = 96, workers: int | None
         from volcontrast.io.readers import read_geometry
 
         in_voxels = sum(
-            int(__import__("numpy").prod(read_geometry(p).shape)) for p in sorted((raw / "imagesTr").iterdir())
+            int(np.prod(read_geometry(p).shape)) for p in sorted((raw / "imagesTr").iterdir())
         )
         t0 = time.perf_counter()
         prepare_dataset(raw, cache, PrepareSettings(), workers=workers, progress=False)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from volcontrast.data.cache import Cache
 from volcontrast.spatial.positions import body_position
@@ -85,10 +84,3 @@ def ridge_r2(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_tes
     ss_res = ((y_test - pred) ** 2).sum(0)
     ss_tot = ((y_test - y_test.mean(0)) ** 2).sum(0) + 1e-12
     return 1.0 - ss_res / ss_tot
-
-
-def encode_pooled(module) -> callable:
-    def f(x: Tensor) -> Tensor:
-        return module.pooled_features(x)
-
-    return f

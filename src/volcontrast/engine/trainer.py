@@ -335,7 +335,3 @@ def _rss_peak_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     except (ImportError, OSError):
         return float("nan")
-
-
-def parameters_of(module: nn.Module) -> list[Tensor]:
-    return [p for p in module.parameters() if p.requires_grad]

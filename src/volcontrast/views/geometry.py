@@ -65,12 +65,6 @@ class ViewGeometry:
         p = table[kind]
         return p[:, 2] if axes == "z" else p
 
-    def world_points(self, view_voxels: Tensor, table: CaseTable) -> Tensor:
-        """(N, P, 3) world mm of view voxel coordinates (N, P, 3) (2D: k = 0)."""
-        m = table.affine[self.case_index] @ self.voxel_to_cached
-        pts = view_voxels.to(torch.float64)
-        return pts @ m[:, :3, :3].transpose(1, 2) + m[:, None, :3, 3]
-
 
 def view_to_cached(box_lower: Tensor, voxel_to_box: Tensor) -> Tensor:
     """Compose box placement and augmentation into (N, 4, 4) view voxel -> cached voxel.

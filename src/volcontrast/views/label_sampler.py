@@ -80,7 +80,7 @@ class LabelledBoxSampler(StepSampler):
                     z = int(rng.integers(shape[2]))
                     lo = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape2, crop)])
                 lo_box = lo - margin
-                boxes.append(cut_box(image[..., z], lo_box, cfg.box_size, float(image[(0, 0, 0, z)])))
+                boxes.append(cut_box(image[..., z], lo_box, cfg.box_size, self.pad_value(cid)))
                 labels.append(cut_box(label[None, ..., z], lo_box, cfg.box_size, 0.0)[0])
                 lowers.append([lo_box[0], lo_box[1], z])
             else:
@@ -91,7 +91,7 @@ class LabelledBoxSampler(StepSampler):
                 else:
                     lo = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape, crop)])
                 lo_box = lo - margin
-                boxes.append(cut_box(image, lo_box, cfg.box_size, float(image[(0, 0, 0, 0)])))
+                boxes.append(cut_box(image, lo_box, cfg.box_size, self.pad_value(cid)))
                 labels.append(cut_box(label[None], lo_box, cfg.box_size, 0.0)[0])
                 lowers.append(lo_box)
             cases.append(ci)

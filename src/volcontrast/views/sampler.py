@@ -59,6 +59,13 @@ class StepSampler(torch.utils.data.Dataset):
         self.case_ids = list(case_ids)
         self.seed, self.rank, self.steps = int(seed), int(rank), int(steps)
         self._cache: Cache | None = None
+        self._pad: dict[str, float] = {}
+
+    def pad_value(self, case_id: str) -> float:
+        """The case's minimum intensity (air / background), read once per process, used outside the volume."""
+        if case_id not in self._pad:
+            self._pad[case_id] = float(np.min(self.cache.image(case_id)))
+        return self._pad[case_id]
 
     @property
     def cache(self) -> Cache:
@@ -109,7 +116,7 @@ class BoxSampler(StepSampler):
             cid = self.case_ids[int(v)]
             image = self.cache.image(cid)
             shape = np.asarray(image.shape[1:])
-            pad_value = float(image.min()) if image.size < 2_000_000 else float(image[(0, 0, 0, 0)])
+            pad_value = self.pad_value(cid)
             for _ in range(cfg.crops_per_volume):
                 if cfg.dim == 3:
                     lo_crop = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape, cfg.crop_size)])
