@@ -113,7 +113,7 @@ def _dim(value: str | None) -> int | None:
 def pretrain(
     cache: Path = typer.Argument(..., help="Cache folder written by `volcontrast prepare`."),
     out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
-    method: str | None = typer.Option(None, "--method", help="simclr | gcl | pcl (default pcl)."),
+    method: str | None = typer.Option(None, "--method", help="simclr | gcl | pcl | spade | spade-nodebias (pcl)."),
     dim: str | None = typer.Option(None, "--dim", help="2d (slices, paper parity) or 3d (crops)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimiser steps."),
     preset: str | None = typer.Option(None, "--preset", help="cpu-tiny | cpu-small | gpu-3d | pcl-paper."),
@@ -125,9 +125,11 @@ def pretrain(
     crop: list[int] | None = typer.Option(None, "--crop", help="Crop size, repeat per axis (--crop 32 --crop 32 ...)."),
     workers: int | None = typer.Option(None, "--workers", min=0, help="Data loader processes."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
+    provider: str | None = typer.Option(None, "--provider", help="spade: correspondence body | affine | index."),
+    no_debias: bool = typer.Option(False, "--no-debias", help="spade: no spatial debiasing (the ablation)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Self-supervised pretraining (SimCLR, GCL, PCL) of a backbone on cached volumes."""
+    """Self-supervised pretraining (SimCLR, GCL, PCL, Spade) of a backbone on cached volumes."""
     from volcontrast.config import load_yaml
     from volcontrast.engine.config import resolve_pretrain_config
     from volcontrast.engine.pretrain import pretrain as run_pretrain
@@ -136,6 +138,7 @@ def pretrain(
         "method": method, "dim": _dim(dim), "seed": seed, "device": device,
         "data": {"workers": workers, "crop_size": list(crop) if crop else None},
         "model": {"backbone": backbone, "preset": backbone_preset},
+        "spade": {"provider": provider, "debias": False if no_debias else None},
     }
     cfg = None
     if not resume:

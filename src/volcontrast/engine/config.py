@@ -59,6 +59,52 @@ class ContrastConfig:
     partitions: int = 4  # GCL
 
 
+# Spade's distance radii per correspondence provider (its units): r_friend, r_enemy, r_local
+SPADE_RADII: dict[str, tuple[float, float, float]] = {
+    "body": (0.05, 0.2, 0.03),  # fractions of the body box per axis
+    "index": (0.05, 0.2, 0.03),  # fractions of the whole scan per axis
+    "affine": (15.0, 60.0, 8.0),  # mm of the reference scan
+}
+
+
+@dataclass
+class SpadeConfig:
+    """Spade (METHODS.md section 2; our interpretation of the paper). Radii are in the provider's units
+    (:data:`SPADE_RADII`); ``None`` takes the provider's default."""
+
+    provider: str = "body"  # correspondence provider: body | affine | index (or a registered one)
+    debias: bool = True  # False: plain MoCo-style global + dense local contrast (the ablation)
+    min_overlap: float = 0.3  # each view pair overlaps by at least this fraction of a crop (before scaling)
+    momentum: float = 0.99  # momentum encoder, cosine schedule to momentum_end over the run
+    momentum_end: float = 0.999
+    global_weight: float = 1.0  # lambda_g (0 = no global branch)
+    global_dim: int = 128
+    global_hidden: int = 0  # 0 = the encoder's deepest width
+    global_batch_norm: bool = True  # BN in the head's hidden layer (keeps instance-normed encoders from collapsing)
+    global_temperature: float = 0.2
+    global_queue: int = 8192
+    r_friend: float | None = None  # queue/batch keys nearer than this are soft positives
+    r_enemy: float | None = None  # keys at least this far are negatives; in between: excluded
+    friend_sigma: float = 0.0  # soft-positive weight exp(-d^2 / 2 sigma^2); 0 = r_friend / 2
+    local_weight: float = 1.0  # lambda_l (0 = no local branch)
+    local_dim: int = 64
+    local_temperature: float = 0.2
+    local_points: int = 256  # voxels sampled in each view pair's overlap
+    local_queue: int = 16384
+    local_enqueue: int = 256  # local keys pushed into the queue per step (per rank)
+    r_local: float | None = None  # local negatives nearer than this to the anchor voxel are excluded
+    local_stage: int = -1  # decoder stage of the local features (-1 = full resolution, -2 = half, ...)
+    restore_weight: float = 1.0  # lambda_r (0 = no restoration head)
+
+    def radii(self) -> tuple[float, float, float]:
+        """(r_friend, r_enemy, r_local) with provider defaults filled in; all 0 without debiasing."""
+        if not self.debias:
+            return 0.0, 0.0, 0.0
+        default = SPADE_RADII.get(self.provider, SPADE_RADII["body"])
+        given = (self.r_friend, self.r_enemy, self.r_local)
+        return tuple(float(d if g is None else g) for g, d in zip(given, default))  # type: ignore[return-value]
+
+
 @dataclass
 class PretrainConfig:
     method: str = "pcl"
@@ -70,6 +116,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
+    spade: SpadeConfig = field(default_factory=SpadeConfig)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -100,6 +147,18 @@ class PretrainConfig:
             raise InputError("optim.name", "must be adamw or sgd")
         if self.amp not in ("auto", "bf16", "off"):
             raise InputError("amp", "must be auto, bf16 or off")
+        if self.method.startswith("spade"):
+            sp = self.spade
+            if self.dim != 3:
+                raise InputError("--dim", "spade works on 3D crops only")
+            if not 0.0 < sp.min_overlap <= 1.0:
+                raise InputError("spade.min_overlap", f"must be in (0, 1], got {sp.min_overlap}")
+            r_friend, r_enemy, r_local = sp.radii()
+            if r_friend < 0 or r_enemy < r_friend or r_local < 0:
+                raise InputError("spade", f"need 0 <= r_friend <= r_enemy and r_local >= 0, got "
+                                          f"{r_friend}, {r_enemy}, {r_local}")
+            if sp.global_weight <= 0 and sp.local_weight <= 0 and sp.restore_weight <= 0:
+                raise InputError("spade", "every loss weight is 0; enable global, local or restore")
         if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
             self.augment.flip_axes = (0, 1)
         return self
@@ -153,11 +212,13 @@ def resolve_pretrain_config(
 
 __all__ = [
     "PRETRAIN_PRESETS",
+    "SPADE_RADII",
     "ContrastConfig",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "PretrainConfig",
+    "SpadeConfig",
     "resolve_pretrain_config",
     "to_dict",
 ]

@@ -6,10 +6,13 @@ from volcontrast.engine.config import PretrainConfig
 from volcontrast.errors import InputError
 from volcontrast.methods.base import PretrainMethod
 from volcontrast.methods.contrastive import GCL, PCL, SimCLR
+from volcontrast.methods.spade import Spade, SpadeNoDebias
 from volcontrast.nets.base import Backbone
 from volcontrast.views.geometry import CaseTable
 
-METHODS: dict[str, type[PretrainMethod]] = {"simclr": SimCLR, "gcl": GCL, "pcl": PCL}
+METHODS: dict[str, type[PretrainMethod]] = {
+    "simclr": SimCLR, "gcl": GCL, "pcl": PCL, "spade": Spade, "spade-nodebias": SpadeNoDebias,
+}
 
 
 def build_method(name: str, backbone: Backbone, config: PretrainConfig, table: CaseTable) -> PretrainMethod:
@@ -18,4 +21,4 @@ def build_method(name: str, backbone: Backbone, config: PretrainConfig, table: C
     return METHODS[name](backbone, config, table)
 
 
-__all__ = ["GCL", "METHODS", "PCL", "PretrainMethod", "SimCLR", "build_method"]
+__all__ = ["GCL", "METHODS", "PCL", "PretrainMethod", "SimCLR", "Spade", "SpadeNoDebias", "build_method"]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from volcontrast.spatial.positions import partition_index
 
-__all__ = ["gcl_positive_mask", "pcl_positive_mask", "simclr_positive_mask", "view_item_ids"]
+__all__ = ["friend_enemy_masks", "gcl_positive_mask", "pcl_positive_mask", "simclr_positive_mask", "view_item_ids"]
 
 
 def view_item_ids(
@@ -127,3 +127,29 @@ def pcl_positive_mask(positions: Tensor, threshold: float | Sequence[float], ite
         raise ValueError(f"threshold must be >= 0, got {lam.tolist()}")
     close = ((p[:, None, :] - p[None, :, :]).abs() < lam).all(dim=-1)
     return _finish(close, item_ids)
+
+
+def friend_enemy_masks(anchor_ref: Tensor, key_ref: Tensor, r_friend: float, r_enemy: float,
+                       sigma: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Spade's spatial debiasing of keys by reference-frame distance ``d = ‖c_a − c_k‖`` (METHODS.md §2).
+
+    - ``d < r_friend``: soft positive ("friend close"), weight ``exp(−d² / 2σ²)`` (σ = r_friend / 2 if 0);
+    - ``r_friend <= d < r_enemy``: excluded — neither positive nor negative;
+    - ``d >= r_enemy``: negative ("enemy farther"), weight 0 and not excluded.
+
+    With ``r_friend = r_enemy = 0`` every key is a negative (plain InfoNCE).
+
+    Args:
+        anchor_ref: (A, k) reference coordinates of the anchors.
+        key_ref: (K, k) reference coordinates of the keys.
+
+    Returns:
+        ``(weights (A, K) float in [0, 1], exclude (A, K) bool)``.
+    """
+    d = torch.cdist(anchor_ref.double(), key_ref.double())
+    friend = d < r_friend
+    s = sigma if sigma > 0 else r_friend / 2
+    weights = torch.where(friend, torch.exp(-(d**2) / (2 * s * s)) if s > 0 else torch.ones_like(d),
+                          torch.zeros_like(d))
+    exclude = (d >= r_friend) & (d < r_enemy)
+    return weights.to(torch.float32), exclude

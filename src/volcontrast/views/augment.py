@@ -110,14 +110,20 @@ def draw_spatial(n: int, dim: int, cfg: AugmentConfig, gen: torch.Generator) -> 
     return linear, params
 
 
-def voxel_maps(linear: Tensor, crop_size: tuple[int, ...], box_size: tuple[int, ...]) -> Tensor:
-    """(N, dim+1, dim+1) view voxel -> box voxel: ``b = L (o - c_view) + c_box`` about the two centres."""
+def voxel_maps(linear: Tensor, crop_size: tuple[int, ...], box_size: tuple[int, ...],
+               shift: Tensor | None = None) -> Tensor:
+    """(N, dim+1, dim+1) view voxel -> box voxel: ``b = L (o - c_view) + c_box + shift`` about the two centres.
+
+    ``shift`` (N, dim) moves each view's centre off the box centre (in box voxels; default none).
+    """
     n, dim = linear.shape[0], linear.shape[1]
     c_view = torch.tensor([(s - 1) / 2 for s in crop_size], dtype=torch.float64)
     c_box = torch.tensor([(s - 1) / 2 for s in box_size], dtype=torch.float64)
     out = torch.eye(dim + 1, dtype=torch.float64).repeat(n, 1, 1)
     out[:, :dim, :dim] = linear
     out[:, :dim, dim] = c_box - linear @ c_view
+    if shift is not None:
+        out[:, :dim, dim] += shift.to(torch.float64)
     return out
 
 
@@ -212,7 +218,7 @@ def intensity_augment(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tu
 
 
 def augment(boxes: Tensor, crop_size: tuple[int, ...], cfg: AugmentConfig, gen: torch.Generator, *,
-            keep_clean: bool = False) -> AugmentedViews:
+            keep_clean: bool = False, shift: Tensor | None = None) -> AugmentedViews:
     """Draw a spatial + intensity augmentation per box and resample the views on the boxes' device.
 
     Args:
@@ -220,10 +226,12 @@ def augment(boxes: Tensor, crop_size: tuple[int, ...], cfg: AugmentConfig, gen: 
         crop_size: output view size (``dim`` ints).
         gen: CPU generator for all random draws (seed it per step for reproducibility).
         keep_clean: also return the views before intensity augmentation.
+        shift: (N, dim) offsets of the view centres from the box centres, in box voxels (Spade's overlapping
+            crop pairs); recorded in ``voxel_to_box``.
     """
     n, dim = boxes.shape[0], boxes.ndim - 2
     linear, params = draw_spatial(n, dim, cfg, gen)
-    m = voxel_maps(linear, crop_size, tuple(boxes.shape[2:]))
+    m = voxel_maps(linear, crop_size, tuple(boxes.shape[2:]), shift)
     displacement = None
     elastic = params["spatial"] & _fires(n, cfg.elastic_prob, gen)
     params["elastic"] = elastic

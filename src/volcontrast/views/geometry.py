@@ -27,6 +27,7 @@ class CaseTable:
     crop_offset: Tensor  # (K, 3) cached voxel 0 = this voxel of the resampled full volume
     resampled_shape: Tensor  # (K, 3)
     shape: Tensor  # (K, 3) cached array shape
+    cache: Cache | None = None  # the cache the table was read from (correspondence providers need it)
 
     @classmethod
     def from_cache(cls, cache: Cache, ids: list[str]) -> CaseTable:
@@ -43,6 +44,7 @@ class CaseTable:
             crop_offset=t([m.crop_offset for m in metas]),
             resampled_shape=t([m.resampled_shape for m in metas]),
             shape=t([m.shape for m in metas]),
+            cache=cache,
         )
 
 
