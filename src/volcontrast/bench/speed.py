@@ -168,6 +168,7 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
                 flops = step_flops(train_step)
             train_step()
             opt.step()
+            method_mod.after_step(step)  # momentum encoders, queues: part of a real step
             _sync(dev)
             if step >= warmup:
                 wait += t_data
