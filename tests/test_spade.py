@@ -129,7 +129,8 @@ def test_global_loss_with_zero_radii_is_the_core_infonce_and_friends_count_with_
     # a queue whose keys sit exactly at the anchors' own crop centres
     method.global_queue.enqueue(F.normalize(torch.randn(m2, 128), dim=1), ref=batch["ref_centres"])
     with torch.no_grad():
-        deep, k_deep = method.backbone.encode(batch["views"])[-1], method.momentum["backbone"].encode(batch["views"])[-1]
+        deep = method.backbone.encode(batch["views"])[-1]
+        k_deep = method.momentum["backbone"].encode(batch["views"])[-1]
         loss, logs = method.global_loss(deep, k_deep, batch)
         z = method.global_head(deep)
         k = method.momentum["global_head"](k_deep)
