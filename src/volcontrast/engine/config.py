@@ -6,6 +6,7 @@ result is saved as ``RUN/config.yaml`` (loadable with ``--config`` to repeat the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,7 @@ class SpadeConfig:
     local_weight: float = 1.0  # lambda_l (0 = no local branch)
     local_dim: int = 64
     local_temperature: float = 0.2
-    local_points: int = 256  # voxels sampled in each view pair's overlap
+    local_points: int = 1024  # overlap voxels per step (per rank), spread evenly over the view pairs
     local_queue: int = 16384
     local_enqueue: int = 256  # local keys pushed into the queue per step (per rank)
     r_local: float | None = None  # local negatives nearer than this to the anchor voxel are excluded
@@ -106,6 +107,73 @@ class SpadeConfig:
 
 
 @dataclass
+class AliceConfig:
+    """Alice (METHODS.md section 3): cross-scan views, tube-masked student, EMA teacher, self-distillation, CASA.
+
+    Defaults are the stable DINO-like values; preset ``alice-paper`` holds the released code's values.
+    """
+
+    # cross-scan view mining (views/pair_sampler.py)
+    provider: str = "body"  # correspondence provider: body | affine | index (or a registered one)
+    min_confidence: float = 0.5  # matches below this are rejected and redrawn (counted, never accepted)
+    max_tries: int = 50  # candidates per pair before an InputError
+    pairs_per_batch: int = 4  # (Q, K) pairs per step and rank: 2 x pairs views
+    # tube masks (views/masking.py): in-plane blocks extruded through slice_axis, voxels set to 0
+    mask_ratio: float = 0.75  # fraction of in-plane blocks masked, in [0, 1)
+    mask_block: tuple[int, int] = (16, 16)  # in-plane block size (axes other than slice_axis, in axis order)
+    slice_axis: int = 2  # spatial axis the blocks are extruded through (2 = z after canonical RAS+)
+    # DINO heads (losses/distill.py): global head on the pooled bottleneck, patch head on the CASA tokens
+    num_prototypes: int = 512  # K, for both heads
+    # standardise the pooled bottleneck over the batch before the global head (BatchNorm without affine or running
+    # statistics): the global average of an instance-normed stage hardly differs between crops, so without it
+    # every crop starts on the same prototype and centering turns the teacher uniform (collapse)
+    global_batch_norm: bool = True
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_lr_scale: float = 1.0  # learning rate of both DINO heads = this x optim.lr (schedule included)
+    freeze_last_layer_steps: int = 0  # the heads' prototype layers stay fixed (lr 0) for this many steps
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04  # linear warm-up from this ...
+    teacher_temperature_end: float = 0.07  # ... to this, then constant
+    teacher_warmup_steps: float = 0.3  # < 1: fraction of the run's steps; >= 1: a step count
+    center_momentum: float = 0.9  # EMA of the teacher's batch-mean logits (one centre per head)
+    momentum: float = 0.996  # teacher EMA momentum, cosine schedule to momentum_end over the run
+    momentum_end: float = 1.0
+    # CASA (nets/casa.py): queries = student bottleneck tokens of the masked crop
+    casa_dim: int = 256  # common token size (TokenProjection of each source)
+    casa_heads: int = 8
+    casa_ffn_ratio: float = 4.0
+    casa_dropout: float = 0.0
+    teacher_casa: str = "shared"  # T through the student's CASA block (code) | "ema": the teacher's EMA copy
+    # keys/values: decoder stage (index into the backbone's decoder stages, deep -> shallow): 0 = the first
+    # decoder stage, one up-sampling above the bottleneck (nnFormer in the code: 8³ = 512 tokens at 64³);
+    # -1 = full resolution (far too many tokens)
+    decoder_stage: int = 0
+    # loss = inter_weight * L_inter + intra_weight * L_intra + rec_weight * L_rec
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
+    rec_weight: float = 5.0  # the code's 10 x MSE / 2
+    rec_masked_only: bool = True  # MSE on masked voxels (paper, MAE-style); False: all voxels (code)
+    # collapse monitor (engine): warn when the global teacher sends every crop to one prototype (prototype usage
+    # below usage_floor; 0 = 2 / num_prototypes) or turns uniform (entropy above entropy_ceiling x ln K; 0 = off)
+    usage_floor: float = 0.0
+    entropy_ceiling: float = 0.99
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """The teacher-temperature warm-up in steps (a fraction < 1 of ``total_steps``, else a count)."""
+        w = float(self.teacher_warmup_steps)
+        return round(w * total_steps) if w < 1 else round(w)
+
+    def collapse_floor(self) -> float:
+        """Prototype-usage floor of the collapse monitor."""
+        return float(self.usage_floor) if self.usage_floor > 0 else 2.0 / self.num_prototypes
+
+    def collapse_ceiling(self) -> float:
+        """Teacher-entropy ceiling of the collapse monitor, in nats (0 = off)."""
+        return float(self.entropy_ceiling) * math.log(self.num_prototypes)
+
+
+@dataclass
 class PretrainConfig:
     method: str = "pcl"
     dim: int = 3
@@ -117,6 +185,7 @@ class PretrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     contrast: ContrastConfig = field(default_factory=ContrastConfig)
     spade: SpadeConfig = field(default_factory=SpadeConfig)
+    alice: AliceConfig = field(default_factory=AliceConfig)
     amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -159,9 +228,62 @@ class PretrainConfig:
                                           f"{r_friend}, {r_enemy}, {r_local}")
             if sp.global_weight <= 0 and sp.local_weight <= 0 and sp.restore_weight <= 0:
                 raise InputError("spade", "every loss weight is 0; enable global, local or restore")
+        if self.method == "alice":
+            self._validate_alice()
         if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
             self.augment.flip_axes = (0, 1)
         return self
+
+    def _validate_alice(self) -> None:
+        a = self.alice
+        if self.dim != 3:
+            raise InputError("--dim", f"alice works on 3D crops only, got dim {self.dim}")
+        if not 0.0 <= a.mask_ratio < 1.0:
+            raise InputError("alice.mask_ratio", f"must be in [0, 1), got {a.mask_ratio}")
+        if a.slice_axis not in (-3, -2, -1, 0, 1, 2):
+            raise InputError("alice.slice_axis", f"must be 0, 1 or 2, got {a.slice_axis}")
+        axis = a.slice_axis % 3
+        plane = [int(s) for i, s in enumerate(self.data.crop_size) if i != axis]
+        block = [int(b) for b in a.mask_block]
+        if len(block) != 2 or min(block) < 1:
+            raise InputError("alice.mask_block", f"needs two in-plane sizes >= 1, got {list(a.mask_block)}")
+        if any(b >= p for b, p in zip(block, plane)):
+            raise InputError("alice.mask_block", f"in-plane block {block} must be smaller than the crop's in-plane "
+                                                 f"size {plane} (crop {list(self.data.crop_size)}, slice axis "
+                                                 f"{axis}); use smaller blocks for small crops, e.g. "
+                                                 "`alice: {mask_block: [4, 4]}` in a --config YAML")
+        if not 0.0 <= a.min_confidence <= 1.0:
+            raise InputError("alice.min_confidence", f"must be in [0, 1], got {a.min_confidence}")
+        for name in ("max_tries", "pairs_per_batch", "num_prototypes", "head_hidden", "head_bottleneck",
+                     "casa_dim", "casa_heads"):
+            if int(getattr(a, name)) < 1:
+                raise InputError(f"alice.{name}", f"must be >= 1, got {getattr(a, name)}")
+        if a.casa_dim % a.casa_heads:
+            raise InputError("alice.casa_dim", f"must be a multiple of casa_heads ({a.casa_heads}), got {a.casa_dim}")
+        for name in ("student_temperature", "teacher_temperature", "teacher_temperature_end", "casa_ffn_ratio"):
+            if not float(getattr(a, name)) > 0:
+                raise InputError(f"alice.{name}", f"must be > 0, got {getattr(a, name)}")
+        if not 0.0 <= a.casa_dropout < 1.0:
+            raise InputError("alice.casa_dropout", f"must be in [0, 1), got {a.casa_dropout}")
+        if a.teacher_warmup_steps < 0:
+            raise InputError("alice.teacher_warmup_steps", f"must be >= 0, got {a.teacher_warmup_steps}")
+        if not 0.0 <= a.center_momentum <= 1.0:
+            raise InputError("alice.center_momentum", f"must be in [0, 1], got {a.center_momentum}")
+        if not 0.0 <= a.momentum <= a.momentum_end <= 1.0:
+            raise InputError("alice.momentum", f"need 0 <= momentum <= momentum_end <= 1, got {a.momentum}, "
+                                               f"{a.momentum_end}")
+        if a.teacher_casa not in ("shared", "ema"):
+            raise InputError("alice.teacher_casa", f"must be shared or ema, got {a.teacher_casa!r}")
+        weights = (a.inter_weight, a.intra_weight, a.rec_weight)
+        if min(weights) < 0 or max(weights) <= 0:
+            raise InputError("alice", f"loss weights must be >= 0 and not all 0, got inter/intra/rec {weights}")
+        if not 0.0 <= a.usage_floor < 1.0:
+            raise InputError("alice.usage_floor", f"must be in [0, 1), got {a.usage_floor}")
+        if not 0.0 <= a.entropy_ceiling <= 1.0:
+            raise InputError("alice.entropy_ceiling", f"must be in [0, 1], got {a.entropy_ceiling}")
+        if a.head_lr_scale < 0 or a.freeze_last_layer_steps < 0:
+            raise InputError("alice", f"head_lr_scale and freeze_last_layer_steps must be >= 0, got "
+                                      f"{a.head_lr_scale}, {a.freeze_last_layer_steps}")
 
 
 # Presets are partial configs (nested dicts) applied on top of the defaults.
@@ -200,6 +322,33 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
                      "position": "index", "axes": "z"},
         "log_every": 50, "checkpoint_every": 1000, "probe_every": 2000,
     },
+    "alice-paper": {  # METHODS.md section 3 with the released code's values (research/alice.md section 0)
+        "method": "alice",
+        "steps": 10000,
+        # 64³ crops; the code pairs one scan with the previous batch's (batch 1 per GPU): we mine 8 pairs/step
+        "data": {"crop_size": [64, 64, 64], "workers": 8},
+        # nnU-Net widths with 5 stages: bottleneck 4³ = 64 query tokens and first decoder stage 8³ = 512
+        # key/value tokens at 64³, the token counts of nnFormer in the code
+        "model": {"preset": "nnunet-3d", "overrides": {"features_per_stage": [32, 64, 128, 256, 320],
+                                                       "strides": [1, 2, 2, 2, 2], "n_conv_per_stage": [2] * 5,
+                                                       "n_conv_per_stage_decoder": [2] * 4}},
+        # AdamW, weight decay 0.04 (the code's start value; it ramps to 0.4), clipping 3 (the code's is per
+        # parameter), warm-up then cosine
+        "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.04, "warmup_steps": 500, "min_lr": 1e-5,
+                  "grad_clip": 3.0},
+        # the code's augmentations are computed and discarded: views are the plain crops
+        "augment": {"flip_prob": 0.0, "spatial_prob": 0.0, "brightness_prob": 0.0, "contrast_prob": 0.0,
+                    "gamma_prob": 0.0, "noise_prob": 0.0, "blur_prob": 0.0, "context": 1.0},
+        "alice": {"pairs_per_batch": 8, "mask_ratio": 0.75, "mask_block": [16, 16], "slice_axis": 2,
+                  "num_prototypes": 512, "head_hidden": 2048, "head_bottleneck": 256, "student_temperature": 0.1,
+                  "teacher_temperature": 0.008, "teacher_temperature_end": 0.01,
+                  "teacher_warmup_steps": 0.03,  # 30 of 1000 epochs
+                  "freeze_last_layer_steps": 100,  # the code: 1 epoch (of 1000)
+                  "center_momentum": 0.9, "momentum": 0.996, "momentum_end": 1.0, "casa_dim": 512,
+                  "casa_heads": 8, "casa_dropout": 0.1, "teacher_casa": "shared", "decoder_stage": 0,
+                  "inter_weight": 1.0, "intra_weight": 1.0, "rec_weight": 5.0, "rec_masked_only": False},
+        "log_every": 50, "checkpoint_every": 1000, "keep_every": 5000, "probe_every": 1000,
+    },
 }
 
 
@@ -213,6 +362,7 @@ def resolve_pretrain_config(
 __all__ = [
     "PRETRAIN_PRESETS",
     "SPADE_RADII",
+    "AliceConfig",
     "ContrastConfig",
     "DataConfig",
     "ModelConfig",

@@ -5,7 +5,8 @@ per-step batch preparation (device-side augmentation), hooks, and metadata. :fun
 else: device and DDP (torchrun; nccl on CUDA, gloo on CPU), bf16 autocast on CUDA, optional
 ``torch.compile``, fused optimisers, warm-up + cosine schedule, step-seeded randomness (so ``--resume``
 repeats an uninterrupted run exactly), atomic checkpoints, ``log.csv`` + TensorBoard, a live progress bar,
-data-wait timing and a collapse monitor.
+data-wait timing and a collapse monitor (contrastive: the loss at its all-embeddings-equal value; self-distillation:
+the teacher's prototype usage below ``usage_floor`` or its entropy above ``entropy_ceiling``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class LoopSettings:
     checkpoint_every: int = 100
     keep_every: int = 0
     collapse_patience: int = 3
+    usage_floor: float = 0.0  # self-distillation: warn when the logged prototype_usage stays below this (0 = off)
+    entropy_ceiling: float = 0.0  # ... or the logged teacher_entropy (nats) stays above this (0 = off)
     workers: int = 0
     prefetch: int = 2
     progress: bool = True
@@ -227,6 +230,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
     acc = {"loss": 0.0, "n": 0, "data": 0.0, "total": 0.0, "samples": 0}
     logs_acc: dict[str, float] = {}
     collapse_count = 0
+    usage_count = 0  # consecutive logged steps with prototype usage below the floor (self-distillation)
     last_loss = float("nan")
     total_samples, total_time, total_data = 0, 0.0, 0.0
     it = iter(loader)
@@ -295,6 +299,25 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                         progress.warn(
                             f"step {done}: the loss sits at the collapse value {row['collapse_value']:.4f} "
                             "(all embeddings alike); lower the learning rate or check the augmentation")
+                if s.usage_floor > 0 or s.entropy_ceiling > 0:
+                    # self-distillation collapse: the teacher sends every row to the same prototype (usage at
+                    # 1/K) or gives every row the uniform distribution (entropy at ln K)
+                    usage = row.get("prototype_usage", float("nan"))
+                    entropy = row.get("teacher_entropy", float("nan"))
+                    one = s.usage_floor > 0 and usage < s.usage_floor
+                    uniform = s.entropy_ceiling > 0 and entropy > s.entropy_ceiling
+                    judged = done >= max(s.warmup_steps, s.steps // 5)
+                    usage_count = usage_count + 1 if (judged and (one or uniform)) else 0
+                    row["collapse_warning"] = max(row.get("collapse_warning", 0.0),
+                                                  float(usage_count >= s.collapse_patience))
+                    if usage_count == s.collapse_patience:
+                        what = ("the teacher sends every crop to the same prototype" if one else
+                                "the teacher's output is uniform for every crop")
+                        progress.warn(
+                            f"step {done}: self-distillation collapse: {what} (prototype usage {usage:.4f}, floor "
+                            f"{s.usage_floor:.4f}; teacher entropy {entropy:.3f} nats, ceiling "
+                            f"{s.entropy_ceiling:.3f}); lower the learning rate or check the normalisation of the "
+                            "head's input (e.g. alice.global_batch_norm)")
                 history.append(row)
                 if log is not None:
                     log.append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from volcontrast.engine.config import PretrainConfig
 from volcontrast.errors import InputError
+from volcontrast.methods.alice import Alice
 from volcontrast.methods.base import PretrainMethod
 from volcontrast.methods.contrastive import GCL, PCL, SimCLR
 from volcontrast.methods.spade import Spade, SpadeNoDebias
@@ -12,6 +13,7 @@ from volcontrast.views.geometry import CaseTable
 
 METHODS: dict[str, type[PretrainMethod]] = {
     "simclr": SimCLR, "gcl": GCL, "pcl": PCL, "spade": Spade, "spade-nodebias": SpadeNoDebias,
+    "alice": Alice,
 }
 
 
@@ -21,4 +23,4 @@ def build_method(name: str, backbone: Backbone, config: PretrainConfig, table: C
     return METHODS[name](backbone, config, table)
 
 
-__all__ = ["GCL", "METHODS", "PCL", "PretrainMethod", "SimCLR", "Spade", "SpadeNoDebias", "build_method"]
+__all__ = ["GCL", "METHODS", "PCL", "Alice", "PretrainMethod", "SimCLR", "Spade", "SpadeNoDebias", "build_method"]
