@@ -104,7 +104,7 @@ def test_momentum_schedule_endpoints():
 
 
 def _cfg(steps: int = 4, augment: dict | None = None, **spade) -> object:
-    sp = {"global_queue": 16, "local_queue": 256, "local_points": 32}
+    sp = {"global_queue": 16, "local_queue": 256, "local_points": 128}
     sp.update(spade)
     over = {"method": "spade", "steps": steps, "probe_crops": 0, "log_every": 2, "checkpoint_every": 4,
             "data": {"crop_size": [16, 16, 16], "workers": 0}, "spade": sp}

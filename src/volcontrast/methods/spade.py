@@ -15,11 +15,12 @@ restoration targets. An online encoder-decoder and its momentum copy (EMA, cosin
   The anchor's other view is the positive; keys at distance ``d < r_friend`` are soft positives
   (``exp(-d²/2σ²)``), ``r_friend <= d < r_enemy`` are excluded, ``d >= r_enemy`` are negatives
   (:func:`~volcontrast.spatial.masks.friend_enemy_masks`).
-- **Local** (equivariant): decoder features (``local_stage``) of both views read at ``local_points`` voxels of
-  their overlap, mapped from view 1 into view 2 with ``T_2⁻¹ T_1`` (:mod:`volcontrast.views.overlap`), then a
-  pointwise MLP -> ``local_dim``. Positive = the same voxel in the other view (momentum key); negatives = the
-  other sampled voxels of this rank's batch and a local queue, excluding any whose reference-frame distance to
-  the anchor voxel is below ``r_local`` (the same anatomy in another scan is not an enemy).
+- **Local** (equivariant): decoder features (``local_stage``) of both views read at voxels of their overlap
+  (``local_points`` per step, spread over the pairs, so the cost does not grow with the batch), mapped from
+  view 1 into view 2 with ``T_2⁻¹ T_1`` (:mod:`volcontrast.views.overlap`), then a pointwise MLP ->
+  ``local_dim``. Positive = the same voxel in the other view (momentum key); negatives = the other sampled
+  voxels of this rank's batch and a local queue, excluding any whose reference-frame distance to the anchor
+  voxel is below ``r_local`` (the same anatomy in another scan is not an enemy).
 - **Restoration**: a 1×1×1 conv on the online full-resolution decoder features predicts the view before
   intensity augmentation; MSE.
 
@@ -168,7 +169,8 @@ class Spade(PretrainMethod):
             .to(device),
         }
         if sp.local_weight > 0:
-            p1, p2, valid = overlap_points(out.voxel_to_box[:m], out.voxel_to_box[m:], crop, sp.local_points, gen)
+            per_pair = max(1, sp.local_points // m)
+            p1, p2, valid = overlap_points(out.voxel_to_box[:m], out.voxel_to_box[m:], crop, per_pair, gen)
             cached = _apply_affine(geometry.voxel_to_cached[:m], p1)
             batch.update(p1=p1.to(device), p2=p2.to(device), valid=valid.to(device),
                          ref_points=self.to_reference(case_index[:m], cached).to(device))
@@ -242,10 +244,10 @@ class Spade(PretrainMethod):
         pos = torch.zeros((2 * v, 2 * v), dtype=torch.bool, device=z.device)
         pos[rows, partner] = True
         refs = torch.cat([ref, ref])
-        ex = (torch.cdist(refs.double(), refs.double()) < self.r_local) & ~pos
+        ex = (torch.cdist(refs, refs) < self.r_local) & ~pos
         q_keys, q_meta = self.local_queue.get()
         has_queue = len(self.local_queue) > 0
-        qex = torch.cdist(refs.double(), q_meta["ref"].double()) < self.r_local if has_queue else None
+        qex = torch.cdist(refs, q_meta["ref"].float()) < self.r_local if has_queue else None
         out = info_nce(z, pos, sp.local_temperature, exclude_mask=ex, keys=k,
                        queue=q_keys if has_queue else None, queue_exclude_mask=qex)
         n_push = min(sp.local_enqueue, v)
