@@ -1,7 +1,7 @@
 """Alice: cross-patient anatomical views, masked modelling, CASA alignment and self-distillation (METHODS.md §3).
 
 Every choice is a field of :class:`~volcontrast.engine.config.AliceConfig`; preset ``alice-paper`` holds the
-released code's values (../shared/research/alice.md).
+released code's values (which does not run as released; its bugs are not repeated here).
 
 **Views.** :class:`~volcontrast.views.pair_sampler.CrossScanPairSampler` mines ``P`` pairs per step: a tissue
 point of scan A, its match in a *different* scan B through a correspondence provider (world-space, with a

@@ -1,6 +1,6 @@
 """Spade: spatially debiased global + local contrast (METHODS.md §2 — our interpretation of the paper).
 
-The paper's text was not available (../shared/research/spade.md); this follows its abstract and method figure,
+The paper's full text was not available to us; this follows its abstract and method figure,
 and every choice is a field of :class:`~volcontrast.engine.config.SpadeConfig`.
 
 Per item (a box cut from a cached scan) two **overlapping** views: centres shifted apart
