@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from volcontrast.bench.benchmark import BenchmarkConfig, run_benchmark
 from volcontrast.bench.report import read_results
 from volcontrast.cli import main
+from volcontrast.config import load_yaml
 from volcontrast.data.cache import open_cache
 from volcontrast.engine import finetune as finetune_mod
 from volcontrast.engine.config import resolve_pretrain_config
@@ -103,13 +104,18 @@ def test_evaluate_writes_metrics_for_the_test_fold(phantom_cache, tmp_path):
 
 
 def test_tiny_benchmark_writes_csv_table_png_and_resumes(phantom_cache, tmp_path):
-    cfg = BenchmarkConfig(methods=["scratch", "pcl"], labeled=[1], folds=2, run_folds=[0], seeds=[0],
-                          pretrain_preset="cpu-tiny", finetune_preset="cpu-tiny", pretrain_steps=2,
+    cfg = BenchmarkConfig(methods=["scratch", "pcl", "spade-nodebias"], labeled=[1], folds=2, run_folds=[0],
+                          seeds=[0], pretrain_preset="cpu-tiny", finetune_preset="cpu-tiny", pretrain_steps=2,
                           finetune_steps=2, pretrain={"data": {"crop_size": [16, 16, 16]}, "probe_crops": 0},
-                          finetune={"data": {"crop_size": [16, 16, 16]}})
+                          finetune={"data": {"crop_size": [16, 16, 16]}},
+                          pretrain_by_method={"spade-nodebias": {"steps": 3, "spade": {"local_points": 16}}})
     results = run_benchmark(phantom_cache, tmp_path / "bench", cfg, progress=False, log=lambda m: None)
     rows = read_results(results)
-    assert sorted(r["method"] for r in rows) == ["pcl", "scratch"]
+    assert sorted(r["method"] for r in rows) == ["pcl", "scratch", "spade-nodebias"]
+    pre = {p.name.split("_seed")[0]: load_yaml(p / "config.yaml") for p in (tmp_path / "bench" / "runs" /
+                                                                              "pretrain").iterdir()}
+    assert pre["pcl"]["steps"] == 2 and pre["spade-nodebias"]["steps"] == 3  # per-method overrides win
+    assert pre["spade-nodebias"]["spade"]["local_points"] == 16 and pre["pcl"]["spade"]["local_points"] == 1024
     assert all(r["labeled"] == 1 and r["fold"] == 0 and 0 <= r["dice"] <= 1 for r in rows)
     md = (tmp_path / "bench" / "results.md").read_text(encoding="utf-8")
     assert "| scratch |" in md and "| pcl |" in md
@@ -122,7 +128,7 @@ def test_tiny_benchmark_writes_csv_table_png_and_resumes(phantom_cache, tmp_path
     assert drawn["scratch"] == drawn["pcl"]
     # a rerun finds every cell finished and adds nothing
     run_benchmark(phantom_cache, tmp_path / "bench", cfg, progress=False, log=lambda m: None)
-    assert len(read_results(results)) == 2
+    assert len(read_results(results)) == 3
 
 
 def test_cli_finetune_evaluate(phantom_cache, tmp_path, capsys):

@@ -52,6 +52,8 @@ class BenchmarkConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)  # overrides of the pretraining config
     finetune: dict[str, Any] = field(default_factory=dict)  # overrides of the fine-tuning config
     pretrain_2d: dict[str, Any] = field(default_factory=dict)  # extra overrides for @2d pretraining
+    # extra pretraining overrides per method, e.g. {"alice": {"steps": 500, "alice": {"mask_block": [4, 4]}}}
+    pretrain_by_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     finetune_2d: dict[str, Any] = field(default_factory=dict)  # extra overrides for @2d fine-tuning
 
 
@@ -148,10 +150,11 @@ def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def _pretrain_cell(cache: Cache, run: Path, config: BenchmarkConfig, method: str, dim: int, seed: int,
                    pool: list[str], progress: bool, log) -> Path:
     over = merge_dicts(config.pretrain, config.pretrain_2d if dim == 2 else {})
-    over.update({"method": method, "dim": dim, "seed": seed})
-    over.setdefault("data", {})["pool"] = pool
     if config.pretrain_steps:
         over["steps"] = config.pretrain_steps
+    over = merge_dicts(over, config.pretrain_by_method.get(method, {}))
+    over.update({"method": method, "dim": dim, "seed": seed})
+    over.setdefault("data", {})["pool"] = pool
     cfg = resolve_pretrain_config(config.pretrain_preset, None, over)
     if _complete(run, cfg.steps):
         return run
