@@ -99,3 +99,26 @@ def _write_dicom_series(folder: Path, array_xyz: np.ndarray, spacing, origin) ->
             sl.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
+
+
+class Interrupt(Exception):
+    """Raised by :func:`pretrain_interrupted` to stop a run between checkpoints."""
+
+
+def pretrain_interrupted(cache, out, config, at_step: int) -> None:
+    """Run ``pretrain`` and stop it with :class:`Interrupt` when the log reaches ``at_step`` (a crash mid-run)."""
+    from volcontrast.engine import pretrain as pretrain_mod
+
+    def stop(row):
+        if row["step"] == at_step:
+            raise Interrupt
+
+    real_fit = pretrain_mod.fit
+    pretrain_mod.fit = lambda *a, **k: real_fit(*a, **k, on_log=stop)
+    try:
+        pretrain_mod.pretrain(cache, out, config, progress=False)
+    except Interrupt:
+        return
+    finally:
+        pretrain_mod.fit = real_fit
+    raise AssertionError(f"the run ended before step {at_step}")

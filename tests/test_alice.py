@@ -19,6 +19,8 @@ from volcontrast.errors import InputError
 from volcontrast.methods.alice import Alice
 from volcontrast.views.pair_sampler import CrossScanPairSampler
 
+from helpers import pretrain_interrupted
+
 K = 64  # prototypes of the small test heads
 SMALL = {"method": "alice", "data": {"crop_size": [16, 16, 16], "workers": 0}, "probe_crops": 0, "log_every": 5,
          "checkpoint_every": 1000,
@@ -183,23 +185,7 @@ def test_collapse_monitor_warns_when_the_teacher_uses_one_prototype(cache, tmp_p
 def test_resume_repeats_an_uninterrupted_run_exactly(cache, tmp_path):
     cfg = {"steps": 12, "log_every": 2, "checkpoint_every": 4}
     pretrain(cache, tmp_path / "full", _cfg(**cfg), progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(row):
-        if row["step"] == 10:  # after the step-8 checkpoint, before the step-12 one
-            raise Interrupt
-
-    from volcontrast.engine import pretrain as pretrain_mod
-
-    real_fit = pretrain_mod.fit
-    with pytest.raises(Interrupt):
-        pretrain_mod.fit = lambda *a, **k: real_fit(*a, **k, on_log=stop)
-        try:
-            pretrain(cache, tmp_path / "cut", _cfg(**cfg), progress=False)
-        finally:
-            pretrain_mod.fit = real_fit
+    pretrain_interrupted(cache, tmp_path / "cut", _cfg(**cfg), at_step=10)
     assert json.loads((tmp_path / "cut" / "model.json").read_text())["step"] == 8
     pretrain(cache, tmp_path / "cut", resume=True, progress=False)
     a = read_log(tmp_path / "full" / "log.csv")

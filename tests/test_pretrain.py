@@ -14,6 +14,8 @@ from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.pretrain import pretrain
 from volcontrast.engine.run import read_log
 
+from helpers import pretrain_interrupted
+
 TINY = {"data": {"crop_size": [16, 16, 16], "workers": 0}, "probe_crops": 8, "log_every": 2,
         "checkpoint_every": 4}
 
@@ -30,23 +32,7 @@ def _cfg(**kw):
 
 def test_resume_repeats_an_uninterrupted_run_exactly(phantom_cache, tmp_path):
     full = pretrain(phantom_cache, tmp_path / "full", _cfg(steps=12), progress=False)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(row):
-        if row["step"] == 10:  # after the step-8 checkpoint, before the step-12 one
-            raise Interrupt
-
-    from volcontrast.engine import pretrain as pretrain_mod
-
-    real_fit = pretrain_mod.fit
-    with pytest.raises(Interrupt):
-        pretrain_mod.fit = lambda *a, **k: real_fit(*a, **k, on_log=stop)
-        try:
-            pretrain(phantom_cache, tmp_path / "cut", _cfg(steps=12), progress=False)
-        finally:
-            pretrain_mod.fit = real_fit
+    pretrain_interrupted(phantom_cache, tmp_path / "cut", _cfg(steps=12), at_step=10)
     assert json.loads((tmp_path / "cut" / "model.json").read_text())["step"] == 8
     pretrain(phantom_cache, tmp_path / "cut", resume=True, progress=False)
     a = read_log(tmp_path / "full" / "log.csv")

@@ -21,6 +21,8 @@ from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, 
 from volcontrast.views.augment import AugmentConfig, augment
 from volcontrast.views.overlap import overlap_points, pair_shifts, sample_at
 
+from helpers import pretrain_interrupted
+
 NO_INTENSITY = {"brightness_prob": 0.0, "contrast_prob": 0.0, "gamma_prob": 0.0, "noise_prob": 0.0,
                 "blur_prob": 0.0}
 
@@ -197,23 +199,7 @@ def test_nodebias_resume_is_exact_and_has_no_friends(synth_cache, tmp_path):
     cfg.method = "spade-nodebias"
     full = pretrain(cache_dir, tmp_path / "full", cfg, progress=False)
     assert all(r["global_excluded"] == 0 and r["mean_positives"] == 1.0 for r in full.history)
-
-    class Interrupt(Exception):
-        pass
-
-    def stop(row):
-        if row["step"] == 6:  # after the step-4 checkpoint
-            raise Interrupt
-
-    from volcontrast.engine import pretrain as pretrain_mod
-
-    real_fit = pretrain_mod.fit
-    with pytest.raises(Interrupt):
-        pretrain_mod.fit = lambda *a, **k: real_fit(*a, **k, on_log=stop)
-        try:
-            pretrain(cache_dir, tmp_path / "cut", cfg, progress=False)
-        finally:
-            pretrain_mod.fit = real_fit
+    pretrain_interrupted(cache_dir, tmp_path / "cut", cfg, at_step=6)
     pretrain(cache_dir, tmp_path / "cut", resume=True, progress=False)
     wa = load_file(str(tmp_path / "full" / "model.safetensors"))
     wb = load_file(str(tmp_path / "cut" / "model.safetensors"))
