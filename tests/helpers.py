@@ -122,3 +122,45 @@ def pretrain_interrupted(cache, out, config, at_step: int) -> None:
     finally:
         pretrain_mod.fit = real_fit
     raise AssertionError(f"the run ended before step {at_step}")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_gloo_ranks(script: str, out_dir: Path, timeout_s: float = 120.0) -> list[dict]:
+    """Run ``python script out_dir`` as ranks 0 and 1 of a gloo group (torchrun's environment variables) and
+    load what each rank saved as ``out_dir/rank<r>.pt``. Retries once if the free port was taken meanwhile."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    logs: list[str] = []
+    for _attempt in range(2):
+        port = free_port()
+        procs = []
+        for r in range(2):
+            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+            procs.append(subprocess.Popen([sys.executable, script, str(out_dir)], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+        logs = []
+        try:
+            for p in procs:
+                logs.append(p.communicate(timeout=timeout_s)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError(f"DDP workers did not finish in {timeout_s} s") from None
+        if all(p.returncode == 0 for p in procs):
+            return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        if not any("ddress already in use" in log for log in logs):
+            break
+    raise AssertionError("DDP worker failed:\n" + "\n----\n".join(logs))

@@ -29,13 +29,8 @@ SMALL = {"method": "alice", "data": {"crop_size": [16, 16, 16], "workers": 0}, "
 
 
 def _cfg(**kw):
-    over = json.loads(json.dumps(SMALL))
-    for k, v in kw.items():
-        if isinstance(v, dict):
-            over.setdefault(k, {}).update(v)
-        else:
-            over[k] = v
-    return resolve_pretrain_config("cpu-tiny", None, over)
+    """cpu-tiny <- SMALL <- ``kw`` (nested dicts merge)."""
+    return resolve_pretrain_config("cpu-tiny", SMALL, kw)
 
 
 @pytest.fixture(scope="module")

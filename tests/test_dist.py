@@ -6,9 +6,6 @@ torchrun's environment variables, so :func:`volcontrast.dist.init_distributed_fr
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,8 @@ from torch import nn
 from volcontrast import dist
 from volcontrast.losses import MemoryQueue, info_nce
 from volcontrast.spatial import pcl_positive_mask, view_item_ids
+
+from helpers import launch_two_gloo_ranks
 
 ITEMS_PER_RANK = (3, 2)  # unequal on purpose: the gathers must handle different row counts
 D_IN, D_OUT, LAMBDA, TAU = 6, 4, 0.3, 0.2
@@ -120,51 +119,6 @@ def _worker(out_dir: str) -> None:
     dist.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out_dir: Path, timeout_s: float = 120.0) -> list[dict]:
-    for _attempt in range(2):  # a second try only if the free port was taken in between
-        port = _free_port()
-        procs = []
-        for r in range(2):
-            env = dict(
-                os.environ,
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-                CUDA_VISIBLE_DEVICES="",
-            )
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(out_dir)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        logs = []
-        try:
-            for p in procs:
-                logs.append(p.communicate(timeout=timeout_s)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"DDP workers did not finish in {timeout_s} s") from None
-        if all(p.returncode == 0 for p in procs):
-            return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
-        if not any("ddress already in use" in log for log in logs):
-            break
-    raise AssertionError("DDP worker failed:\n" + "\n----\n".join(logs))
-
-
 def _reference():
     """One process, the concatenated batch in rank order, no gather."""
     loc = [_local(r) for r in range(2)]
@@ -179,7 +133,7 @@ def _reference():
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
-    results = _launch(tmp_path)
+    results = launch_two_gloo_ranks(__file__, tmp_path)
     ref = _reference()
     assert results[0]["sizes"] == results[1]["sizes"] == [6, 4]
     for res in results:

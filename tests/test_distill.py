@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +24,8 @@ from volcontrast.losses.distill import (
     teacher_entropy,
     warmup_then_constant,
 )
+
+from helpers import launch_two_gloo_ranks
 
 K = 6
 ROWS_PER_RANK = (3, 5)  # unequal on purpose: the centre must weigh ranks by their row counts
@@ -62,54 +61,8 @@ def _worker(out_dir: str) -> None:
     dist.destroy()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out_dir: Path, timeout_s: float = 120.0) -> list[dict]:
-    logs: list[str] = []
-    for _attempt in range(2):  # a second try only if the free port was taken in between
-        port = _free_port()
-        procs = []
-        for r in range(2):
-            env = dict(
-                os.environ,
-                RANK=str(r),
-                LOCAL_RANK=str(r),
-                WORLD_SIZE="2",
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-                CUDA_VISIBLE_DEVICES="",
-            )
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, __file__, str(out_dir)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        logs = []
-        try:
-            for p in procs:
-                logs.append(p.communicate(timeout=timeout_s)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"DDP workers did not finish in {timeout_s} s") from None
-        if all(p.returncode == 0 for p in procs):
-            return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(2)]
-        if not any("ddress already in use" in log for log in logs):
-            break
-    raise AssertionError("DDP worker failed:\n" + "\n----\n".join(logs))
-
-
 def test_centre_on_two_gloo_ranks_equals_one_process_on_the_concatenated_batch(tmp_path):
-    results = _launch(tmp_path)
+    results = launch_two_gloo_ranks(__file__, tmp_path)
     want = _centre_reference()
     for res in results:
         torch.testing.assert_close(res["centre"], want, atol=1e-6, rtol=0)

@@ -14,20 +14,15 @@ from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.pretrain import pretrain
 from volcontrast.engine.run import read_log
 
-from helpers import pretrain_interrupted
+from helpers import free_port, pretrain_interrupted
 
 TINY = {"data": {"crop_size": [16, 16, 16], "workers": 0}, "probe_crops": 8, "log_every": 2,
         "checkpoint_every": 4}
 
 
 def _cfg(**kw):
-    over = json.loads(json.dumps(TINY))
-    for k, v in kw.items():
-        if isinstance(v, dict):
-            over.setdefault(k, {}).update(v)
-        else:
-            over[k] = v
-    return resolve_pretrain_config("cpu-tiny", None, over)
+    """cpu-tiny <- TINY <- ``kw`` (nested dicts merge)."""
+    return resolve_pretrain_config("cpu-tiny", TINY, kw)
 
 
 def test_resume_repeats_an_uninterrupted_run_exactly(phantom_cache, tmp_path):
@@ -123,13 +118,10 @@ def test_torchrun_two_cpu_ranks_gather_negatives(phantom_cache, tmp_path):
     """The README's multi-GPU line works with gloo on CPU: both ranks train, rank 0 writes one run."""
     import math
     import os
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "volcontrast", "pretrain", str(phantom_cache), "--out", str(tmp_path / "run"), "--preset",

@@ -21,7 +21,7 @@ from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, 
 from volcontrast.views.augment import AugmentConfig, augment
 from volcontrast.views.overlap import overlap_points, pair_shifts, sample_at
 
-from helpers import pretrain_interrupted
+from helpers import free_port, pretrain_interrupted
 
 NO_INTENSITY = {"brightness_prob": 0.0, "contrast_prob": 0.0, "gamma_prob": 0.0, "noise_prob": 0.0,
                 "blur_prob": 0.0}
@@ -239,14 +239,11 @@ def test_swin_unetr_backbone_runs_spade(tmp_path):
 def test_torchrun_two_ranks_share_the_queues(synth_cache, tmp_path):
     """Both ranks' keys enter every rank's queue: after 4 steps the global queue holds 2 x 4 x 8 keys."""
     import os
-    import socket
     import subprocess
     import sys
 
     _, cache_dir = synth_cache
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "volcontrast", "pretrain", str(cache_dir), "--out", str(tmp_path / "run"), "--preset", "cpu-tiny",
