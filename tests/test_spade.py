@@ -15,8 +15,9 @@ from volcontrast.data.cache import Cache
 from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.pretrain import build_pretraining, pretrain
 from volcontrast.engine.run import read_log
+from volcontrast.losses.distill import cosine_schedule
 from volcontrast.losses.info_nce import info_nce
-from volcontrast.methods.spade import momentum_at, spade_global_masks
+from volcontrast.methods.spade import spade_global_masks
 from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, view_item_ids
 from volcontrast.views.augment import AugmentConfig, augment
 from volcontrast.views.overlap import overlap_points, pair_shifts, sample_at
@@ -100,9 +101,9 @@ def test_global_masks_keep_the_other_view_and_reduce_to_plain_infonce_without_ra
 
 
 def test_momentum_schedule_endpoints():
-    assert momentum_at(0, 100, 0.99, 0.999) == pytest.approx(0.99)
-    assert momentum_at(100, 100, 0.99, 0.999) == pytest.approx(0.999)
-    assert momentum_at(50, 100, 0.99, 0.999) == pytest.approx(0.9945)
+    assert cosine_schedule(0.99, 0.999, 0, 100) == pytest.approx(0.99)
+    assert cosine_schedule(0.99, 0.999, 100, 100) == pytest.approx(0.999)
+    assert cosine_schedule(0.99, 0.999, 50, 100) == pytest.approx(0.9945)
 
 
 def _cfg(steps: int = 4, augment: dict | None = None, **spade) -> object:

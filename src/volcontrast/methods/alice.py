@@ -71,11 +71,10 @@ from volcontrast.losses.distill import (
     teacher_entropy,
     warmup_then_constant,
 )
-from volcontrast.methods.base import PretrainMethod
+from volcontrast.methods.base import PretrainMethod, ema_update
 from volcontrast.nets.base import Backbone
 from volcontrast.nets.casa import CASABlock, TokenProjection, to_tokens
 from volcontrast.nets.heads import ReconstructionHead
-from volcontrast.spatial.correspondence import get_provider
 from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable
 from volcontrast.views.masking import apply_mask, masked_mse, tube_mask
@@ -143,16 +142,7 @@ class Alice(PretrainMethod):
         self.usage_floor = a.collapse_floor()  # read by the engine's collapse monitor
         self.entropy_ceiling = a.collapse_ceiling()
         self._pending: dict[str, Tensor] = {}
-        self._fit_provider()
-
-    def _fit_provider(self) -> None:
-        """Fit the correspondence provider once (rank 0; e.g. ``affine`` registers each scan, stored in the cache)."""
-        cache = self.table.cache
-        if cache is None:
-            raise InputError("alice", "the case table has no cache; build it with CaseTable.from_cache")
-        if dist.rank() == 0:
-            get_provider(self.config.alice.provider, cache).fit(self.table.ids)
-        dist.barrier()
+        self.fit_provider(a.provider)  # e.g. affine: registered once, stored in the cache
 
     def train(self, mode: bool = True) -> Alice:
         super().train(mode)
@@ -259,13 +249,7 @@ class Alice(PretrainMethod):
         """EMA of the teacher parts (cosine momentum) and the centre updates with this step's teacher logits."""
         mu = self.momentum_at(step)
         for name, target in self.teacher.items():
-            source: nn.Module = getattr(self, name)
-            t_params = list(target.parameters())
-            s_params = [q.detach() for q in source.parameters()]
-            torch._foreach_mul_(t_params, mu)
-            torch._foreach_add_(t_params, s_params, alpha=1 - mu)
-            for tb, sb in zip(target.buffers(), source.buffers()):
-                tb.copy_(sb)
+            ema_update(target, getattr(self, name), mu)
         if self._pending:
             self.global_centre.update(self._pending["global"])
             self.token_centre.update(self._pending["tokens"])

@@ -32,7 +32,6 @@ radius to 0: plain MoCo-style global contrast and dense local contrast, the abla
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import numpy as np
@@ -43,24 +42,18 @@ from torch import Tensor, nn
 from volcontrast import dist
 from volcontrast.engine.config import PretrainConfig
 from volcontrast.errors import InputError
+from volcontrast.losses.distill import cosine_schedule
 from volcontrast.losses.info_nce import info_nce
 from volcontrast.losses.queue import MemoryQueue
-from volcontrast.methods.base import PretrainMethod
+from volcontrast.methods.base import PretrainMethod, ema_update
 from volcontrast.nets.base import Backbone
 from volcontrast.nets.heads import GlobalProjectionHead, ProjectionHead, ReconstructionHead, mlp_blocks
-from volcontrast.spatial.correspondence import CorrespondenceProvider, get_provider
 from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, view_item_ids
 from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable, view_geometry
 from volcontrast.views.overlap import overlap_points, pair_shifts, sample_at
 
-__all__ = ["Spade", "SpadeNoDebias", "momentum_at", "spade_global_masks"]
-
-
-def momentum_at(step: int, total: int, start: float, end: float) -> float:
-    """Cosine schedule from ``start`` (step 0) to ``end`` (step ``total``)."""
-    t = min(max(step / max(total, 1), 0.0), 1.0)
-    return end - (end - start) * (math.cos(math.pi * t) + 1) / 2
+__all__ = ["Spade", "SpadeNoDebias", "spade_global_masks"]
 
 
 def spade_global_masks(item_ids: Tensor, ref: Tensor, queue_ref: Tensor | None, r_friend: float, r_enemy: float,
@@ -123,24 +116,12 @@ class Spade(PretrainMethod):
             self.restore_head = ReconstructionHead(backbone.decoder_channels[-1], backbone.in_channels, dim=3)
         self.momentum = nn.ModuleDict({k: copy.deepcopy(v) for k, v in online.items()})
         self.momentum.requires_grad_(False)
-        self._provider: CorrespondenceProvider | None = None
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}
-        self._fit_provider()
+        self._provider = self.fit_provider(sp.provider)
 
     # ------------------------------------------------------------------------------- correspondence
-    def _fit_provider(self) -> None:
-        cache = self.table.cache
-        if cache is None:
-            raise InputError("spade", "the case table has no cache; build it with CaseTable.from_cache")
-        provider = get_provider(self.config.spade.provider, cache)
-        if dist.rank() == 0:
-            provider.fit(self.table.ids)  # affine: registers each scan once, stored in the cache
-        dist.barrier()
-        self._provider = get_provider(self.config.spade.provider, cache)
-
     def to_reference(self, case_index: Tensor, cached: Tensor) -> Tensor:
         """(N, ..., 3) cached voxel coordinates of the cases ``case_index`` (N,) -> reference coordinates."""
-        assert self._provider is not None
         out = np.empty(tuple(cached.shape), dtype=np.float64)
         pts = cached.detach().cpu().double().numpy()
         idx = case_index.cpu().numpy()
@@ -260,15 +241,9 @@ class Spade(PretrainMethod):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         sp = self.config.spade
-        mu = momentum_at(step, self.config.steps, sp.momentum, sp.momentum_end)
+        mu = cosine_schedule(sp.momentum, sp.momentum_end, step, self.config.steps)
         for name, target in self.momentum.items():
-            source = getattr(self, name) if name != "backbone" else self.backbone
-            t_params = [p for p in target.parameters()]
-            s_params = [p.detach() for p in source.parameters()]
-            torch._foreach_mul_(t_params, mu)
-            torch._foreach_add_(t_params, s_params, alpha=1 - mu)
-            for tb, sb in zip(target.buffers(), source.buffers()):
-                tb.copy_(sb)
+            ema_update(target, getattr(self, name), mu)
         if "global" in self._pending:
             keys, ref = self._pending.pop("global")
             self.global_queue.enqueue(keys, ref=ref)
