@@ -285,14 +285,14 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                 if main:
                     row.update(task.periodic(done, final=done == s.steps))
                 last_loss = row["loss"]
+                # random initial networks map every input alike; only judge collapse once training had a chance
+                judged = done >= max(s.warmup_steps, s.steps // 5)
                 if "collapse_value" in row:
                     # collapse: the loss sits at its all-embeddings-equal value *and* the embeddings have no
                     # spread (many-positive masks such as GCL's can sit near that value while learning)
                     near = abs(row["loss"] - row["collapse_value"]) < 0.01 * max(row["collapse_value"], 1e-6)
                     spread = row.get("embedding_spread", 1.0)
                     flat = spread < 1e-3 or (near and spread < 0.05)
-                    # random initial networks map every input alike; only judge once training had a chance
-                    judged = done >= max(s.warmup_steps, s.steps // 5)
                     collapse_count = collapse_count + 1 if (judged and flat) else 0
                     row["collapse_warning"] = float(collapse_count >= s.collapse_patience)
                     if collapse_count == s.collapse_patience:
@@ -306,7 +306,6 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                     entropy = row.get("teacher_entropy", float("nan"))
                     one = s.usage_floor > 0 and usage < s.usage_floor
                     uniform = s.entropy_ceiling > 0 and entropy > s.entropy_ceiling
-                    judged = done >= max(s.warmup_steps, s.steps // 5)
                     usage_count = usage_count + 1 if (judged and (one or uniform)) else 0
                     row["collapse_warning"] = max(row.get("collapse_warning", 0.0),
                                                   float(usage_count >= s.collapse_patience))
