@@ -51,7 +51,7 @@ from volcontrast.nets.heads import GlobalProjectionHead, ProjectionHead, Reconst
 from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, view_item_ids
 from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable, view_geometry
-from volcontrast.views.overlap import overlap_points, pair_shifts, sample_at
+from volcontrast.views.overlap import apply_maps, overlap_points, pair_shifts, sample_at
 
 __all__ = ["Spade", "SpadeNoDebias", "spade_global_masks"]
 
@@ -72,14 +72,6 @@ def spade_global_masks(item_ids: Tensor, ref: Tensor, queue_ref: Tensor | None, 
         return pos, ex, None, None
     qw, qex = friend_enemy_masks(ref, queue_ref, r_friend, r_enemy, sigma)
     return pos, ex, qw, qex
-
-
-def _apply_affine(m: Tensor, points: Tensor) -> Tensor:
-    """(N, 4, 4) maps applied to (N, ..., 3) points."""
-    shape = points.shape
-    p = points.reshape(shape[0], -1, 3).double()
-    out = p @ m[:, :3, :3].transpose(1, 2).double() + m[:, None, :3, 3].double()
-    return out.reshape(shape)
 
 
 class Spade(PretrainMethod):
@@ -146,13 +138,13 @@ class Spade(PretrainMethod):
         batch: dict[str, Any] = {
             "views": out.views, "clean": out.clean, "n_samples": 2 * m,
             "item_ids": view_item_ids(m, 2, offset=dist.rank() * m, device=device),
-            "ref_centres": self.to_reference(case_index, _apply_affine(geometry.voxel_to_cached, centre))[:, 0]
+            "ref_centres": self.to_reference(case_index, apply_maps(geometry.voxel_to_cached, centre))[:, 0]
             .to(device),
         }
         if sp.local_weight > 0:
             per_pair = max(1, sp.local_points // m)
             p1, p2, valid = overlap_points(out.voxel_to_box[:m], out.voxel_to_box[m:], crop, per_pair, gen)
-            cached = _apply_affine(geometry.voxel_to_cached[:m], p1)
+            cached = apply_maps(geometry.voxel_to_cached[:m], p1)
             batch.update(p1=p1.to(device), p2=p2.to(device), valid=valid.to(device),
                          ref_points=self.to_reference(case_index[:m], cached).to(device))
         return batch

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["map_view_points", "overlap_points", "pair_shifts", "sample_at"]
+__all__ = ["apply_maps", "map_view_points", "overlap_points", "pair_shifts", "sample_at"]
 
 
 def pair_shifts(n: int, crop_size: tuple[int, ...], min_overlap: float, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -33,12 +33,17 @@ def pair_shifts(n: int, crop_size: tuple[int, ...], min_overlap: float, gen: tor
     return d / 2, -d / 2
 
 
+def apply_maps(maps: Tensor, points: Tensor) -> Tensor:
+    """(N, dim+1, dim+1) homogeneous maps applied to (N, ..., dim) points, one map per item; float64."""
+    shape, dim = points.shape, points.shape[-1]
+    p = points.reshape(shape[0], -1, dim).double()
+    m = maps.double()
+    return (p @ m[:, :dim, :dim].transpose(1, 2) + m[:, None, :dim, dim]).reshape(shape)
+
+
 def map_view_points(points: Tensor, src_to_box: Tensor, dst_to_box: Tensor) -> Tensor:
     """(N, K, dim) view voxel points of the source views -> the same box points in the destination views."""
-    dim = points.shape[-1]
-    m = torch.linalg.solve(dst_to_box.double(), src_to_box.double())  # (N, dim+1, dim+1): src view -> dst view
-    p = points.double()
-    return p @ m[:, :dim, :dim].transpose(1, 2) + m[:, None, :dim, dim]
+    return apply_maps(torch.linalg.solve(dst_to_box.double(), src_to_box.double()), points)
 
 
 def overlap_points(src_to_box: Tensor, dst_to_box: Tensor, crop_size: tuple[int, ...], k: int,
