@@ -39,7 +39,7 @@ def test_prepare_reads_the_synthetic_cohort_unchanged(synth_cache):
 def test_short_pretraining_lowers_the_loss_and_avoids_collapse(synth_cache, tmp_path, method):
     _, cache_dir = synth_cache
     cfg = resolve_pretrain_config("cpu-tiny", None, {
-        "method": method, "steps": 60, "log_every": 10, "probe_crops": 0, "augment": NO_INTENSITY,
+        "method": method, "steps": 120, "log_every": 10, "probe_crops": 0, "augment": NO_INTENSITY,
         "data": {"crop_size": [16, 16, 16], "volumes_per_batch": 4, "crops_per_volume": 4},
         "optim": {"lr": 2e-3, "warmup_steps": 5}, "contrast": {"partitions": 4, "threshold": [0.1]},
     })
