@@ -20,6 +20,7 @@ from volcontrast.losses.distill import (
     DINOHead,
     cosine_schedule,
     distill_loss,
+    koleo_loss,
     prototype_usage,
     teacher_entropy,
     warmup_then_constant,
@@ -198,6 +199,28 @@ def test_collapse_diagnostics():
     assert usage["argmax_fraction"].item() == 1.0
     assert usage["perplexity_fraction"].item() > 0.95
     assert teacher_entropy(torch.full((3, K), 1 / K)).item() == pytest.approx(math.log(K))
+
+
+
+def test_koleo_loss_is_minus_mean_log_nearest_neighbour_distance_and_spreads_rows():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64) * torch.arange(1, 6, dtype=torch.float64)
+    z = x / x.norm(dim=1, keepdim=True)  # the loss normalises its input
+    expected = -sum(math.log(min(float((z[i] - z[j]).norm()) for j in range(7) if j != i) + 1e-8)
+                    for i in range(7)) / 7
+    assert float(koleo_loss(x)) == pytest.approx(expected, rel=1e-12)
+    # two equal rows sit at distance 0: the value is -log(eps) for them, finite
+    dup = torch.cat([x[:1], x[:1]])
+    assert float(koleo_loss(dup)) == pytest.approx(-math.log(1e-8))
+    # a gradient step moves each row away from its nearest neighbour
+    y = x.clone().float().requires_grad_(True)
+    loss = koleo_loss(y)
+    loss.backward()
+    with torch.no_grad():
+        stepped = y - 0.05 * y.grad
+    assert float(koleo_loss(stepped)) < float(loss.detach())
+    with pytest.raises(ValueError, match="B >= 2"):
+        koleo_loss(torch.randn(1, 4))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ __all__ = [
     "WeightNormLinear",
     "cosine_schedule",
     "distill_loss",
+    "koleo_loss",
     "prototype_usage",
     "teacher_entropy",
     "warmup_then_constant",
@@ -282,6 +283,33 @@ def distill_loss(
         w = w.expand_as(ce)
         # all-zero weights: 0 / tiny = 0, still connected to the graph (and no host sync)
         return (ce * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def koleo_loss(embeddings: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko entropy regulariser: ``−mean_i log(min_{j≠i} ‖z_i − z_j‖ + eps)`` (DINOv2).
+
+    Each row is pushed away from its nearest neighbour in the batch, which spreads the (L2-normalised)
+    embeddings over the sphere. Self-distillation alone lets a weak student map every crop to one embedding
+    (then centering makes the teacher uniform: the collapse Alice's global branch showed at CPU scale); this term
+    rises without bound as two rows meet, so it keeps them apart.
+
+    Args:
+        embeddings: ``(B, D)``; rows are L2-normalised here (B >= 2).
+        eps: added to the distance before the log (0 distances give ``−log eps``, finite).
+
+    Returns:
+        0-dim float32 tensor (float64 for float64 input), differentiable w.r.t. ``embeddings``.
+    """
+    if embeddings.dim() != 2 or embeddings.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs (B >= 2, D) embeddings, got shape {tuple(embeddings.shape)}")
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        z = F.normalize(embeddings.to(_compute_dtype(embeddings)), dim=-1, eps=1e-12)
+        with torch.no_grad():  # the nearest neighbour is chosen without gradient, the distance carries it
+            sim = z @ z.T
+            sim.fill_diagonal_(-2.0)
+            nearest = sim.argmax(dim=1)
+        dist_nn = (z - z[nearest]).norm(dim=-1)
+        return -torch.log(dist_nn + eps).mean()
 
 
 def cosine_schedule(start: float, end: float, step: int | float, total: int | float) -> float:
