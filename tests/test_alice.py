@@ -16,7 +16,8 @@ from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.pretrain import build_pretraining, pretrain
 from volcontrast.engine.run import read_log
 from volcontrast.errors import InputError
-from volcontrast.methods.alice import Alice
+from volcontrast.losses.distill import DINOHead
+from volcontrast.methods.alice import Alice, GlobalHead
 from volcontrast.views.pair_sampler import CrossScanPairSampler
 
 from helpers import pretrain_interrupted
@@ -137,7 +138,8 @@ def test_short_pretraining_lowers_the_loss_without_collapse(cache, tmp_path):
         assert r["teacher_entropy"] < 0.9 * math.log(K)  # not the uniform collapse either
         assert r["rejected_matches"] >= 0 and r["match_confidence"] >= 0.5
     assert sum(r["rejected_matches"] for r in rows) > 0  # the miner rejects (and the log counts) bad matches
-    assert rows[-1]["teacher_temperature"] == pytest.approx(0.07)  # warm-up over 30 % of the run, then constant
+    assert rows[-1]["teacher_temperature"] == pytest.approx(0.01)  # the sharp default teacher
+    assert all(math.isfinite(r["loss_koleo"]) for r in rows)
     assert rows[-1]["momentum"] > rows[0]["momentum"] >= 0.996
     assert result.history[-1]["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4)
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
@@ -171,7 +173,8 @@ def test_collapse_monitor_warns_when_the_teacher_uses_one_prototype(cache, tmp_p
     assert result.history[-1]["collapse_warning"] == 1.0
     assert result.history[-1]["prototype_usage"] < 2 / K
     # the other failure, a uniform teacher: an entropy ceiling below the run's entropy must be reported as such
-    cfg = _cfg(steps=12, log_every=2, alice={"entropy_ceiling": 0.1})
+    cfg = _cfg(steps=12, log_every=2, alice={"entropy_ceiling": 0.1, "teacher_temperature": 0.07,
+                                             "teacher_temperature_end": 0.07})
     with pytest.warns(UserWarning, match="uniform for every crop"):
         result = pretrain(cache, tmp_path / "run2", cfg, progress=False)
     assert result.history[-1]["collapse_warning"] == 1.0 and result.history[0]["collapse_warning"] == 0.0
@@ -213,6 +216,27 @@ def test_swin_unetr_runs_two_steps(tmp_path):
     assert json.loads((tmp_path / "run" / "model.json").read_text())["architecture"]["name"] == "swin_unetr"
 
 
+def test_global_head_pools_the_deepest_stages_and_checks_its_widths():
+    g = torch.Generator().manual_seed(0)
+    skips = [torch.randn(5, c, s, s, s, generator=g) for c, s in ((4, 8), (6, 4), (8, 2))]
+    head = GlobalHead([4, 6, 8], DINOHead(14, 16, 32, 8), batch_norm=False, stages=2)
+    pooled = head.pooled(skips)
+    torch.testing.assert_close(pooled, torch.cat([skips[1].mean((2, 3, 4)), skips[2].mean((2, 3, 4))], dim=1))
+    z = head.embed(skips)
+    assert z.shape == (5, 8)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(head(skips), head.head(pooled))
+    # batch standardisation of every pooled channel: (x - batch mean) / sqrt(biased batch variance + 1e-5)
+    bn = GlobalHead([4, 6, 8], DINOHead(18, 16, 32, 8), batch_norm=True, stages=3)
+    x = bn.pooled(skips)
+    expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(bn.norm(x), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="stages must be in 1..3"):
+        GlobalHead([4, 6, 8], DINOHead(8, 16, 32, 8), stages=4)
+    with pytest.raises(ValueError, match="the head takes 8 features, the last 2 stages give 14"):
+        GlobalHead([4, 6, 8], DINOHead(8, 16, 32, 8), stages=2)
+
+
 def test_bad_configs_are_input_errors(cache):
     with pytest.raises(InputError, match=r"alice.mask_block.*smaller than the crop"):
         _cfg(alice={"mask_block": [16, 16]})
@@ -224,6 +248,13 @@ def test_bad_configs_are_input_errors(cache):
         _cfg(alice={"momentum": 0.999, "momentum_end": 0.99})
     with pytest.raises(InputError, match="decoder_stage"):
         build_pretraining(Cache(cache), _cfg(alice={"decoder_stage": 3}))
+    with pytest.raises(InputError, match="alice.koleo_weight"):
+        _cfg(alice={"koleo_weight": -0.1})
+    with pytest.raises(InputError, match="alice.global_stages"):
+        _cfg(alice={"global_stages": -1})
+    with pytest.raises(InputError, match=r"alice.global_stages.*encoder stages"):
+        build_pretraining(Cache(cache), _cfg(alice={"global_stages": 9}))
     paper = resolve_pretrain_config("alice-paper")
+    assert paper.alice.global_stages == 1 and paper.alice.koleo_weight == 0.0
     assert paper.method == "alice" and paper.alice.teacher_temperature == 0.008
     assert paper.alice.teacher_temperature_end == 0.01 and not paper.alice.rec_masked_only

@@ -113,10 +113,12 @@ def _dim(value: str | None) -> int | None:
 def pretrain(
     cache: Path = typer.Argument(..., help="Cache folder written by `volcontrast prepare`."),
     out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
-    method: str | None = typer.Option(None, "--method", help="simclr | gcl | pcl | spade | spade-nodebias (pcl)."),
+    method: str | None = typer.Option(None, "--method",
+                                      help="simclr | gcl | pcl | spade | spade-nodebias | alice (pcl)."),
     dim: str | None = typer.Option(None, "--dim", help="2d (slices, paper parity) or 3d (crops)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimiser steps."),
-    preset: str | None = typer.Option(None, "--preset", help="cpu-tiny | cpu-small | gpu-3d | pcl-paper."),
+    preset: str | None = typer.Option(None, "--preset",
+                                      help="cpu-tiny | cpu-small | gpu-3d | pcl-paper | alice-paper."),
     config: Path | None = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     seed: int | None = typer.Option(None, "--seed"),
@@ -125,11 +127,11 @@ def pretrain(
     crop: list[int] | None = typer.Option(None, "--crop", help="Crop size, repeat per axis (--crop 32 --crop 32 ...)."),
     workers: int | None = typer.Option(None, "--workers", min=0, help="Data loader processes."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
-    provider: str | None = typer.Option(None, "--provider", help="spade: correspondence body | affine | index."),
+    provider: str | None = typer.Option(None, "--provider", help="spade, alice: correspondence body | affine | index."),
     no_debias: bool = typer.Option(False, "--no-debias", help="spade: no spatial debiasing (the ablation)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Self-supervised pretraining (SimCLR, GCL, PCL, Spade) of a backbone on cached volumes."""
+    """Self-supervised pretraining (SimCLR, GCL, PCL, Spade, Alice) of a backbone on cached volumes."""
     from volcontrast.config import load_yaml
     from volcontrast.engine.config import resolve_pretrain_config
     from volcontrast.engine.pretrain import pretrain as run_pretrain
@@ -139,6 +141,7 @@ def pretrain(
         "data": {"workers": workers, "crop_size": list(crop) if crop else None},
         "model": {"backbone": backbone, "preset": backbone_preset},
         "spade": {"provider": provider, "debias": False if no_debias else None},
+        "alice": {"provider": provider},
     }
     cfg = None
     if not resume:

@@ -110,7 +110,9 @@ class SpadeConfig:
 class AliceConfig:
     """Alice (METHODS.md section 3): cross-scan views, tube-masked student, EMA teacher, self-distillation, CASA.
 
-    Defaults are the stable DINO-like values; preset ``alice-paper`` holds the released code's values.
+    Defaults are the values that keep the global branch learning at small scale (sharp teacher 0.01, KoLeo 0.1,
+    every encoder stage pooled: measured in benchmarks/RESULTS.md); preset ``alice-paper`` holds the released
+    code's values.
     """
 
     # cross-scan view mining (views/pair_sampler.py)
@@ -128,13 +130,18 @@ class AliceConfig:
     # statistics): the global average of an instance-normed stage hardly differs between crops, so without it
     # every crop starts on the same prototype and centering turns the teacher uniform (collapse)
     global_batch_norm: bool = True
+    # the global token pools the deepest global_stages encoder stages (concatenated; 0 = every stage): the pooled
+    # instance-normed bottleneck alone carries no crop identity at initialisation (see methods/alice.GlobalHead)
+    global_stages: int = 0
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_lr_scale: float = 1.0  # learning rate of both DINO heads = this x optim.lr (schedule included)
     freeze_last_layer_steps: int = 0  # the heads' prototype layers stay fixed (lr 0) for this many steps
     student_temperature: float = 0.1
-    teacher_temperature: float = 0.04  # linear warm-up from this ...
-    teacher_temperature_end: float = 0.07  # ... to this, then constant
+    # the teacher is sharp (the code: 0.008 -> 0.01): with DINO's 0.04 -> 0.07 a student that cannot yet predict
+    # the other patient's crop hedges towards uniform and the teacher follows it (uniform collapse, RESULTS.md)
+    teacher_temperature: float = 0.01  # linear warm-up from this ...
+    teacher_temperature_end: float = 0.01  # ... to this, then constant
     teacher_warmup_steps: float = 0.3  # < 1: fraction of the run's steps; >= 1: a step count
     center_momentum: float = 0.9  # EMA of the teacher's batch-mean logits (one centre per head)
     momentum: float = 0.996  # teacher EMA momentum, cosine schedule to momentum_end over the run
@@ -154,6 +161,9 @@ class AliceConfig:
     intra_weight: float = 1.0
     rec_weight: float = 5.0  # the code's 10 x MSE / 2
     rec_masked_only: bool = True  # MSE on masked voxels (paper, MAE-style); False: all voxels (code)
+    # KoLeo spread of the student's global embeddings (DINOv2), added to the loss: keeps the student's crops apart
+    # while it cannot predict the teacher yet (0 = off, as in the code)
+    koleo_weight: float = 0.1
     # collapse monitor (engine): warn when the global teacher sends every crop to one prototype (prototype usage
     # below usage_floor; 0 = 2 / num_prototypes) or turns uniform (entropy above entropy_ceiling x ln K; 0 = off)
     usage_floor: float = 0.0
@@ -258,6 +268,8 @@ class PretrainConfig:
                      "casa_dim", "casa_heads"):
             if int(getattr(a, name)) < 1:
                 raise InputError(f"alice.{name}", f"must be >= 1, got {getattr(a, name)}")
+        if int(a.global_stages) < 0:
+            raise InputError("alice.global_stages", f"must be >= 0 (0 = every encoder stage), got {a.global_stages}")
         if a.casa_dim % a.casa_heads:
             raise InputError("alice.casa_dim", f"must be a multiple of casa_heads ({a.casa_heads}), got {a.casa_dim}")
         for name in ("student_temperature", "teacher_temperature", "teacher_temperature_end", "casa_ffn_ratio"):
@@ -277,6 +289,8 @@ class PretrainConfig:
         weights = (a.inter_weight, a.intra_weight, a.rec_weight)
         if min(weights) < 0 or max(weights) <= 0:
             raise InputError("alice", f"loss weights must be >= 0 and not all 0, got inter/intra/rec {weights}")
+        if a.koleo_weight < 0:
+            raise InputError("alice.koleo_weight", f"must be >= 0, got {a.koleo_weight}")
         if not 0.0 <= a.usage_floor < 1.0:
             raise InputError("alice.usage_floor", f"must be in [0, 1), got {a.usage_floor}")
         if not 0.0 <= a.entropy_ceiling <= 1.0:
@@ -346,7 +360,9 @@ PRETRAIN_PRESETS: dict[str, dict[str, Any]] = {
                   "freeze_last_layer_steps": 100,  # the code: 1 epoch (of 1000)
                   "center_momentum": 0.9, "momentum": 0.996, "momentum_end": 1.0, "casa_dim": 512,
                   "casa_heads": 8, "casa_dropout": 0.1, "teacher_casa": "shared", "decoder_stage": 0,
-                  "inter_weight": 1.0, "intra_weight": 1.0, "rec_weight": 5.0, "rec_masked_only": False},
+                  "inter_weight": 1.0, "intra_weight": 1.0, "rec_weight": 5.0, "rec_masked_only": False,
+                  # the code pools the bottleneck alone and has no KoLeo term
+                  "global_stages": 1, "koleo_weight": 0.0},
         "log_every": 50, "checkpoint_every": 1000, "keep_every": 5000, "probe_every": 1000,
     },
 }

@@ -13,8 +13,8 @@ A tube mask ``M`` per view (:func:`~volcontrast.views.masking.tube_mask`: ``mask
 ``K̃ = K·(1−M_K)`` (masked voxels set to 0); the teacher sees ``Q`` and ``K`` unmasked.
 
 **Networks.** Student ``s``: the backbone, a global :class:`~volcontrast.losses.distill.DINOHead` ``g`` on the
-global average of the deepest encoder stage (standardised over the batch, ``global_batch_norm``: see
-:class:`GlobalHead`), token projections ``φ_q`` (bottleneck tokens) and ``φ_kv``
+global averages of the deepest ``global_stages`` encoder stages (0 = all; concatenated and standardised over the
+batch, ``global_batch_norm``: see :class:`GlobalHead`), token projections ``φ_q`` (bottleneck tokens) and ``φ_kv``
 (tokens of decoder stage ``decoder_stage``), one :class:`~volcontrast.nets.casa.CASABlock` ``A``, a patch
 DINO head ``h`` on its output tokens and a 1×1×1 reconstruction head ``r`` on the full-resolution decoder.
 Teacher ``t``: an EMA copy (no gradient) of the backbone, ``g``, ``φ_kv`` and ``h`` (and of ``A`` with
@@ -33,11 +33,20 @@ of the teacher's batch-mean logits, all-reduced across ranks)::
   intra-volume ``L_intra = mean over tokens of H(softmax((h^t(T) − c₂) / τ_t), softmax(h(S) / τ_s))``;
 - reconstruction: ``L_rec = MSE(r(decoder(x̃)), x⁰)`` over the masked voxels (``rec_masked_only``; all voxels
   as in the code otherwise);
-- ``L = inter_weight·L_inter + intra_weight·L_intra + rec_weight·L_rec`` (defaults 1, 1, 5 = the code's 10/2).
+- KoLeo (DINOv2, :func:`~volcontrast.losses.distill.koleo_loss`): ``L_koleo = −mean_i log min_j ‖z_i − z_j‖``
+  over the student's L2-normalised global embeddings ``z`` (the head's bottleneck) of the step's views;
+- ``L = inter_weight·L_inter + intra_weight·L_intra + rec_weight·L_rec + koleo_weight·L_koleo`` (defaults 1, 1,
+  5 = the code's 10/2, 0.1; the code has no KoLeo term).
+
+**Defaults against collapse.** At CPU scale (16³ crops, a narrow U-Net, RESULTS.md) DINO's teacher temperatures
+0.04 → 0.07 let the global branch collapse to a uniform teacher within ~100 steps: the student cannot yet
+predict the other patient's crop, hedges towards a uniform output, and the EMA teacher follows. The defaults
+keep it learning: a sharp teacher (0.01, close to the code's 0.008 → 0.01), KoLeo 0.1, and every encoder stage
+pooled into the global token.
 
 Every branch is always computed (a weight of 0 only zeroes its gradient), so DDP sees every parameter used.
 
-**Logs** (per step): the three losses; ``teacher_entropy`` (mean entropy of the global teacher targets, nats:
+**Logs** (per step): the four losses; ``teacher_entropy`` (mean entropy of the global teacher targets, nats:
 ``ln K`` = uniform, 0 = one-hot); ``prototype_usage`` (fraction of the ``K`` global prototypes that are the
 argmax of at least one teacher row of the step, gathered across ranks; ``1/K`` = every row the same prototype,
 the DINO collapse) and ``prototype_perplexity`` (``exp H(mean target) / K``); ``token_usage`` (the same for
@@ -54,6 +63,7 @@ and their prototype layers are frozen for ``freeze_last_layer_steps`` steps (DIN
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,6 +77,7 @@ from volcontrast.losses.distill import (
     DINOHead,
     cosine_schedule,
     distill_loss,
+    koleo_loss,
     prototype_usage,
     teacher_entropy,
     warmup_then_constant,
@@ -83,25 +94,47 @@ __all__ = ["Alice", "GlobalHead"]
 
 
 class GlobalHead(nn.Module):
-    """Global average of the deepest encoder stage -> (batch standardisation) -> :class:`DINOHead`.
+    """The global token: global averages of the deepest ``stages`` encoder stages, concatenated, (batch
+    standardisation) -> :class:`DINOHead`.
+
+    The global average of an instance-normed stage keeps only the shape of each channel's distribution (the norm
+    removes its mean and scale), and over the few voxels of a CNN bottleneck (2³-4³) that shape is noise: at
+    initialisation the pooled bottlenecks of two views of the *same* box are no more alike than those of any two
+    crops (measured in benchmarks/RESULTS.md), so the teacher's global targets carry nothing a student could
+    predict and self-distillation collapses to a uniform teacher. Shallower stages pool over many voxels and do
+    carry the crop's identity from the start; ``stages`` > 1 adds them (``stages = 1``: the bottleneck alone, as
+    the released code pools nnFormer's bottleneck, whose LayerNorm keeps each channel's spatial mean).
 
     With ``batch_norm`` the pooled ``(B, C)`` features are standardised per channel over the batch
     (``BatchNorm1d`` without affine parameters or running statistics: the same in train and eval mode, for student
-    and teacher). Instance-normed encoders give pooled features that hardly differ between crops; standardising
-    them keeps the teacher's rows apart at the start instead of letting centering flatten them to uniform.
+    and teacher), so no stage dominates by its scale and the rows start apart.
 
     Shapes:
-        ``(B, C, *spatial)`` -> ``(B, K)``.
+        the encoder's skips (``(B, C_i, *spatial_i)`` per stage) -> ``(B, K)``.
     """
 
-    def __init__(self, in_dim: int, head: DINOHead, batch_norm: bool = True) -> None:
+    def __init__(self, in_dims: Sequence[int], head: DINOHead, batch_norm: bool = True, stages: int = 1) -> None:
         super().__init__()
-        self.norm: nn.Module = (nn.BatchNorm1d(in_dim, affine=False, track_running_stats=False) if batch_norm
+        if not 1 <= stages <= len(in_dims):
+            raise ValueError(f"stages must be in 1..{len(in_dims)}, got {stages}")
+        self.stages = int(stages)
+        width = sum(in_dims[-self.stages:])
+        if head.in_dim != width:
+            raise ValueError(f"the head takes {head.in_dim} features, the last {stages} stages give {width}")
+        self.norm: nn.Module = (nn.BatchNorm1d(width, affine=False, track_running_stats=False) if batch_norm
                                 else nn.Identity())
         self.head = head
 
-    def forward(self, deepest: Tensor) -> Tensor:
-        return self.head(self.norm(deepest.flatten(2).mean(-1)))
+    def pooled(self, skips: Sequence[Tensor]) -> Tensor:
+        """``(B, Σ C_i)``: the global averages of the deepest ``stages`` stages, concatenated."""
+        return torch.cat([s.flatten(2).mean(-1) for s in skips[-self.stages:]], dim=1)
+
+    def embed(self, skips: Sequence[Tensor]) -> Tensor:
+        """The head's L2-normalised bottleneck ``(B, bottleneck_dim)`` (what KoLeo spreads)."""
+        return self.head.embed(self.norm(self.pooled(skips)))
+
+    def forward(self, skips: Sequence[Tensor]) -> Tensor:
+        return self.head.last_layer(self.embed(skips))
 
 
 class Alice(PretrainMethod):
@@ -127,7 +160,14 @@ class Alice(PretrainMethod):
         backbone.seg_head.requires_grad_(False)  # never used in pretraining
         deep = backbone.encoder_channels[-1]
         k = a.num_prototypes
-        self.global_head = GlobalHead(deep, DINOHead(deep, k, a.head_hidden, a.head_bottleneck), a.global_batch_norm)
+        n_enc = len(backbone.encoder_channels)
+        stages = n_enc if a.global_stages == 0 else a.global_stages
+        if not 1 <= stages <= n_enc:
+            raise InputError("alice.global_stages", f"the backbone has {n_enc} encoder stages (1..{n_enc}, or 0 = all)"
+                                                    f", got {a.global_stages}")
+        width = sum(backbone.encoder_channels[-stages:])
+        self.global_head = GlobalHead(backbone.encoder_channels, DINOHead(width, k, a.head_hidden, a.head_bottleneck),
+                                      a.global_batch_norm, stages)
         self.q_proj = TokenProjection(deep, a.casa_dim)
         self.kv_proj = TokenProjection(backbone.decoder_channels[a.decoder_stage], a.casa_dim)
         self.casa = CASABlock(a.casa_dim, a.casa_heads, a.casa_ffn_ratio, a.casa_dropout)
@@ -209,13 +249,15 @@ class Alice(PretrainMethod):
         with torch.no_grad():
             t_skips = t["backbone"].encode(batch["views"])
             t_dec = t["backbone"].decode(t_skips)
-            t_global = t["global_head"](t_skips[-1])  # (2P, K)
+            t_global = t["global_head"](t_skips)  # (2P, K)
             t_kv = to_tokens(t_dec[stage], t["kv_proj"])  # (2P, Nk, d)
         # ---- student on the masked views
         skips = self.backbone.encode(batch["masked"])
         dec = self.backbone.decode(skips)
         # inter-volume: teacher(Q) -> student(K~) and teacher(K) -> student(Q~)
-        s_global = self.global_head(skips[-1])
+        s_embed = self.global_head.embed(skips)
+        s_global = self.global_head.head.last_layer(s_embed)
+        loss_koleo = koleo_loss(s_embed) if s_embed.shape[0] > 1 else s_embed.sum() * 0
         p_global = self.global_centre.targets(t_global, tau_t)
         swapped = torch.cat([s_global[p:], s_global[:p]])
         loss_inter = distill_loss(swapped, p_global, a.student_temperature)
@@ -230,11 +272,13 @@ class Alice(PretrainMethod):
         # reconstruction of the clean views from the masked ones
         recon = self.rec_head(dec[-1])
         loss_rec = masked_mse(recon, batch["clean"], batch["mask"], a.rec_masked_only)
-        total = a.inter_weight * loss_inter + a.intra_weight * loss_intra + a.rec_weight * loss_rec
+        total = (a.inter_weight * loss_inter + a.intra_weight * loss_intra + a.rec_weight * loss_rec
+                 + a.koleo_weight * loss_koleo)
         self._pending = {"global": t_global.detach(), "tokens": t_patch.detach()}  # centres: after the step
         usage = prototype_usage(dist.gather_no_grad(p_global))
         logs: dict[str, Tensor | float] = {
             "loss_inter": loss_inter.detach(), "loss_intra": loss_intra.detach(), "loss_rec": loss_rec.detach(),
+            "loss_koleo": loss_koleo.detach(),
             "teacher_entropy": teacher_entropy(p_global),
             "prototype_usage": usage["argmax_fraction"], "prototype_perplexity": usage["perplexity_fraction"],
             "token_usage": prototype_usage(p_tokens)["argmax_fraction"],
@@ -256,6 +300,6 @@ class Alice(PretrainMethod):
             self._pending = {}
 
     def log_columns(self) -> list[str]:
-        return ["loss_inter", "loss_intra", "loss_rec", "teacher_entropy", "prototype_usage", "prototype_perplexity",
-                "token_usage", "teacher_temperature", "momentum", "rejected_matches", "match_confidence",
-                "collapse_warning"]
+        return ["loss_inter", "loss_intra", "loss_rec", "loss_koleo", "teacher_entropy", "prototype_usage",
+                "prototype_perplexity", "token_usage", "teacher_temperature", "momentum", "rejected_matches",
+                "match_confidence", "collapse_warning"]
