@@ -1,6 +1,6 @@
 """Alice through the engine: views and tube masks from prepare(), gradient flow (student yes, teacher no), teacher
 targets and the EMA/centre updates, a short CPU pretraining that learns without collapse, the collapse monitor,
-exact resume, SwinUNETR, and config errors."""
+exact resume, two gloo ranks under torchrun, SwinUNETR, and config errors."""
 
 from __future__ import annotations
 
@@ -198,6 +198,39 @@ def test_resume_repeats_an_uninterrupted_run_exactly(cache, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:  # student, teacher and both centres
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_gather_the_teacher_rows(cache, tmp_path):
+    """The README's multi-GPU line runs Alice with gloo on CPU; the usage figure counts both ranks' teacher rows."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from helpers import free_port
+
+    pairs = 2
+    (tmp_path / "alice.yaml").write_text(yaml.safe_dump({"alice": {**SMALL["alice"], "pairs_per_batch": pairs},
+                                                         "log_every": 1}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "volcontrast", "pretrain", str(cache), "--out", str(tmp_path / "run"), "--preset", "cpu-tiny",
+           "--method", "alice", "--config", str(tmp_path / "alice.yaml"), "--crop", "16", "--crop", "16",
+           "--crop", "16", "--steps", "4", "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("pretrained 4 steps") == 1  # one summary line, from rank 0
+    rows = read_log(tmp_path / "run" / "log.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    # each rank has 2 x pairs teacher rows (Q and K); one rank alone could reach at most 2 * pairs / K
+    usage = [r["prototype_usage"] for r in rows]
+    assert max(usage) > 2 * pairs / K and max(usage) <= 2 * 2 * pairs / K
+    weights = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert torch.isfinite(weights["global_centre.centre"]).all()
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["method"] == "alice"
 
 
 def test_swin_unetr_runs_two_steps(tmp_path):
