@@ -201,7 +201,6 @@ def test_collapse_diagnostics():
     assert teacher_entropy(torch.full((3, K), 1 / K)).item() == pytest.approx(math.log(K))
 
 
-
 def test_koleo_loss_is_minus_mean_log_nearest_neighbour_distance_and_spreads_rows():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 5, generator=g, dtype=torch.float64) * torch.arange(1, 6, dtype=torch.float64)

@@ -133,8 +133,12 @@ class GlobalHead(nn.Module):
         """The head's L2-normalised bottleneck ``(B, bottleneck_dim)`` (what KoLeo spreads)."""
         return self.head.embed(self.norm(self.pooled(skips)))
 
+    def logits(self, embedding: Tensor) -> Tensor:
+        """``(B, K)`` prototype scores of an :meth:`embed` output."""
+        return self.head.last_layer(embedding)
+
     def forward(self, skips: Sequence[Tensor]) -> Tensor:
-        return self.head.last_layer(self.embed(skips))
+        return self.logits(self.embed(skips))
 
 
 class Alice(PretrainMethod):
@@ -256,8 +260,8 @@ class Alice(PretrainMethod):
         dec = self.backbone.decode(skips)
         # inter-volume: teacher(Q) -> student(K~) and teacher(K) -> student(Q~)
         s_embed = self.global_head.embed(skips)
-        s_global = self.global_head.head.last_layer(s_embed)
-        loss_koleo = koleo_loss(s_embed) if s_embed.shape[0] > 1 else s_embed.sum() * 0
+        s_global = self.global_head.logits(s_embed)
+        loss_koleo = koleo_loss(s_embed)  # 2P >= 2 rows (pairs_per_batch >= 1)
         p_global = self.global_centre.targets(t_global, tau_t)
         swapped = torch.cat([s_global[p:], s_global[:p]])
         loss_inter = distill_loss(swapped, p_global, a.student_temperature)
