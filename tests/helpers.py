@@ -133,6 +133,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_pretrain(cache, out, *args: str, timeout_s: float = 300.0):
+    """``torchrun --nproc_per_node 2 -m volcontrast pretrain CACHE --out OUT --quiet ARGS`` on CPU (gloo, one thread
+    per rank); returns the finished ``subprocess.CompletedProcess`` (text output captured)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "volcontrast", "pretrain", str(cache), "--out", str(out), "--quiet", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+
+
 def launch_two_gloo_ranks(script: str, out_dir: Path, timeout_s: float = 120.0) -> list[dict]:
     """Run ``python script out_dir`` as ranks 0 and 1 of a gloo group (torchrun's environment variables) and
     load what each rank saved as ``out_dir/rank<r>.pt``. Retries once if the free port was taken meanwhile."""

@@ -20,7 +20,7 @@ from volcontrast.losses.distill import DINOHead
 from volcontrast.methods.alice import Alice, GlobalHead
 from volcontrast.views.pair_sampler import CrossScanPairSampler
 
-from helpers import pretrain_interrupted
+from helpers import pretrain_interrupted, torchrun_pretrain
 
 K = 64  # prototypes of the small test heads
 SMALL = {"method": "alice", "data": {"crop_size": [16, 16, 16], "workers": 0}, "probe_crops": 0, "log_every": 5,
@@ -203,23 +203,14 @@ def test_resume_repeats_an_uninterrupted_run_exactly(cache, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_cpu_ranks_gather_the_teacher_rows(cache, tmp_path):
     """The README's multi-GPU line runs Alice with gloo on CPU; the usage figure counts both ranks' teacher rows."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
-
-    from helpers import free_port
 
     pairs = 2
     (tmp_path / "alice.yaml").write_text(yaml.safe_dump({"alice": {**SMALL["alice"], "pairs_per_batch": pairs},
                                                          "log_every": 1}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "volcontrast", "pretrain", str(cache), "--out", str(tmp_path / "run"), "--preset", "cpu-tiny",
-           "--method", "alice", "--config", str(tmp_path / "alice.yaml"), "--crop", "16", "--crop", "16",
-           "--crop", "16", "--steps", "4", "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_pretrain(cache, tmp_path / "run", "--preset", "cpu-tiny", "--method", "alice",
+                             "--config", str(tmp_path / "alice.yaml"), "--crop", "16", "--crop", "16", "--crop", "16",
+                             "--steps", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("pretrained 4 steps") == 1  # one summary line, from rank 0
     rows = read_log(tmp_path / "run" / "log.csv")

@@ -14,7 +14,7 @@ from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.pretrain import pretrain
 from volcontrast.engine.run import read_log
 
-from helpers import free_port, pretrain_interrupted
+from helpers import pretrain_interrupted, torchrun_pretrain
 
 TINY = {"data": {"crop_size": [16, 16, 16], "workers": 0}, "probe_crops": 8, "log_every": 2,
         "checkpoint_every": 4}
@@ -117,16 +117,9 @@ def test_collapse_monitor_warns_when_every_pair_is_positive(phantom_cache, tmp_p
 def test_torchrun_two_cpu_ranks_gather_negatives(phantom_cache, tmp_path):
     """The README's multi-GPU line works with gloo on CPU: both ranks train, rank 0 writes one run."""
     import math
-    import os
-    import subprocess
-    import sys
 
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "volcontrast", "pretrain", str(phantom_cache), "--out", str(tmp_path / "run"), "--preset",
-           "cpu-tiny", "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "4", "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_pretrain(phantom_cache, tmp_path / "run", "--preset", "cpu-tiny", "--crop", "16", "--crop", "16",
+                             "--crop", "16", "--steps", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("pretrained 4 steps") == 1  # one summary line, from rank 0
     rows = read_log(tmp_path / "run" / "log.csv")

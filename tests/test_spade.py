@@ -22,7 +22,7 @@ from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, 
 from volcontrast.views.augment import AugmentConfig, augment
 from volcontrast.views.overlap import overlap_points, pair_shifts, sample_at
 
-from helpers import free_port, pretrain_interrupted
+from helpers import pretrain_interrupted, torchrun_pretrain
 
 NO_INTENSITY = {"brightness_prob": 0.0, "contrast_prob": 0.0, "gamma_prob": 0.0, "noise_prob": 0.0,
                 "blur_prob": 0.0}
@@ -239,18 +239,9 @@ def test_swin_unetr_backbone_runs_spade(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_ranks_share_the_queues(synth_cache, tmp_path):
     """Both ranks' keys enter every rank's queue: after 4 steps the global queue holds 2 x 4 x 8 keys."""
-    import os
-    import subprocess
-    import sys
-
     _, cache_dir = synth_cache
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "-m", "volcontrast", "pretrain", str(cache_dir), "--out", str(tmp_path / "run"), "--preset", "cpu-tiny",
-           "--method", "spade", "--no-debias", "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "4",
-           "--quiet"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun_pretrain(cache_dir, tmp_path / "run", "--preset", "cpu-tiny", "--method", "spade", "--no-debias",
+                             "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "debias: false" in config
