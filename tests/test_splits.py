@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from volcontrast.bench.splits import Split, kfold_splits, label_budget, pretraining_pool
+from volcontrast.data.splits import Split, kfold_splits, label_budget, pretraining_pool
 from volcontrast.errors import InputError
 
 IDS = [f"case{i:02d}" for i in range(23)]

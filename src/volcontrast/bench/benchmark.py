@@ -1,6 +1,6 @@
 """``volcontrast benchmark``: the few-label protocol (METHODS.md section 5), resumable.
 
-For every fold x seed: the labelled cases are split (:func:`~volcontrast.bench.splits.kfold_splits`), each
+For every fold x seed: the labelled cases are split (:func:`~volcontrast.data.splits.kfold_splits`), each
 pretraining method is trained once on that fold's pretraining pool (training-fold images, or every image with
 ``transductive``), then every (method, label budget) cell is fine-tuned with the same labelled draw and scored
 on the test fold (pretraining runs are shared by folds whose pools are equal, e.g. all folds when transductive).
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from volcontrast.bench.report import append_result, finished_cells, write_report
-from volcontrast.bench.splits import kfold_splits, pretraining_pool
+from volcontrast.data.splits import kfold_splits, pretraining_pool
 from volcontrast.config import merge, to_dict
 from volcontrast.data.cache import Cache
 from volcontrast.engine.config import resolve_pretrain_config

@@ -7,7 +7,7 @@ column         type  meaning
 ============== ===== ===================================================================================
 method         str   pretraining method name (``scratch`` for no pretraining), e.g. ``pcl``, ``spade``
 labeled        int   label budget M: number of labelled training volumes used for fine-tuning
-fold           int   test fold index (``bench.splits.Split.fold``)
+fold           int   test fold index (``data.splits.Split.fold``)
 seed           int   seed of the label draw and of fine-tuning
 dice           float mean Dice over the test fold: ``engine.metrics.aggregate(...)["mean_dice"]`` (NaN rule)
 hd95           float mean HD95 in mm over the test fold, same aggregation

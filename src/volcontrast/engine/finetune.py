@@ -1,6 +1,6 @@
 """``volcontrast finetune``: few-label supervised training (METHODS.md section 5) through the shared engine.
 
-The labelled cases of the cache are split into folds (:mod:`volcontrast.bench.splits`); fold ``fold`` is the
+The labelled cases of the cache are split into folds (:mod:`volcontrast.data.splits`); fold ``fold`` is the
 test fold and is never touched here. A validation split is carved from the training fold and used only to
 choose the checkpoint (``RUN/best/``); ``labeled`` training volumes are drawn with the protocol's seed (the
 same draw for every method). The encoder comes from a pretraining run (decoder fresh, or ``load="all"``) or
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from volcontrast import __version__, dist
-from volcontrast.bench.splits import Split, kfold_splits, label_budget
+from volcontrast.data.splits import Split, kfold_splits, label_budget
 from volcontrast.config import resolve, save_yaml, to_dict
 from volcontrast.data.cache import Cache
 from volcontrast.engine.config import ModelConfig, OptimConfig
