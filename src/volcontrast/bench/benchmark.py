@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from volcontrast.bench.report import append_result, finished_cells, write_report
-from volcontrast.data.splits import kfold_splits, pretraining_pool
 from volcontrast.config import merge, to_dict
 from volcontrast.data.cache import Cache
+from volcontrast.data.splits import kfold_splits, pretraining_pool
 from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.evaluate import evaluate
 from volcontrast.engine.finetune import finetune, resolve_finetune_config

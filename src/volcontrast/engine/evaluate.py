@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from volcontrast.data.splits import kfold_splits
 from volcontrast.data.cache import Cache
+from volcontrast.data.splits import kfold_splits
 from volcontrast.engine.inference import sliding_window_probabilities
 from volcontrast.engine.metrics import NAN_RULE, aggregate, format_metrics_table, jsonable, segmentation_metrics
 from volcontrast.engine.predict import load_segmentation_model

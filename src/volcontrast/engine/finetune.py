@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from volcontrast import __version__, dist
-from volcontrast.data.splits import Split, kfold_splits, label_budget
 from volcontrast.config import resolve, save_yaml, to_dict
 from volcontrast.data.cache import Cache
+from volcontrast.data.splits import Split, kfold_splits, label_budget
 from volcontrast.engine.config import ModelConfig, OptimConfig
 from volcontrast.engine.inference import sliding_window_probabilities
 from volcontrast.engine.run import RunDir, load_model_json, load_weights, save_checkpoint
