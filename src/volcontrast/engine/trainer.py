@@ -60,6 +60,8 @@ class LoopSettings:
     lr: float = 1e-3
     warmup_steps: int = 0
     min_lr: float = 0.0
+    schedule: str = "cosine"  # after the warm-up: cosine | poly (nnU-Net: (1 - t)^poly_power)
+    poly_power: float = 0.9
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -106,11 +108,14 @@ class FitResult:
 
 
 def lr_at(step: int, s: LoopSettings) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine to ``min_lr`` at ``steps``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine (or ``schedule="poly"``:
+    ``min_lr + (lr - min_lr) * (1 - t)^poly_power``) to ``min_lr`` at ``steps``."""
     if s.warmup_steps > 0 and step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
     span = max(1, s.steps - s.warmup_steps)
     t = min(1.0, (step - s.warmup_steps) / span)
+    if s.schedule == "poly":
+        return s.min_lr + (s.lr - s.min_lr) * (1.0 - t) ** s.poly_power
     return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * t))
 
 
