@@ -95,7 +95,8 @@ class Cache:
         return [cid for cid in self.ids if self.meta(cid).has_label]
 
     def case_dir(self, case_id: str) -> Path:
-        return self.root / "cases" / case_id
+        """``cases/<id>``, or the folder the manifest's ``case_dirs`` names (a case redone by a rerun)."""
+        return self.root / "cases" / str((self.manifest.get("case_dirs") or {}).get(case_id, case_id))
 
     def meta(self, case_id: str) -> CaseMeta:
         if case_id not in self._meta:

@@ -1,9 +1,15 @@
 """``volcontrast prepare``: any accepted dataset -> the preprocessing cache (DESIGN.md contract).
 
 Per case: load in canonical RAS+ -> check label geometry -> resample to the target spacing -> body mask and
-box -> crop to it -> normalise -> write ``cases/<id>/{image,label,body}.npy`` + ``meta.json`` into a
-temporary folder that is renamed into place when complete. A rerun skips cases whose fingerprint (sources,
-settings, dataset statistics) is unchanged. Cases run in parallel worker processes; each holds one volume.
+box -> crop to it -> normalise -> write ``cases/<id>/{image,label,body}.npy`` + ``meta.json`` (which records
+each array's size and sha256) into a temporary folder that is renamed into place when complete. A rerun skips
+cases whose fingerprint (sources, settings, dataset statistics) is unchanged *and* whose files still match what
+was written; missing or truncated ones are redone. Cases run in parallel worker processes; each holds one volume.
+
+A rerun never damages a good cache: ``manifest.json`` is the commit. A case whose folder the current manifest
+uses is redone into a new folder ``cases/<id>@<fingerprint>`` (the manifest's ``case_dirs`` names it), and the
+manifest is replaced only when the whole run succeeded; until then the old manifest and its cases stay valid.
+The cache folder is locked (``.lock``) for the whole run: a second ``prepare`` on it stops with exit 2.
 """
 
 from __future__ import annotations
@@ -37,7 +43,16 @@ from volcontrast.data.preprocess import (
 from volcontrast.errors import InputError
 from volcontrast.io.readers import check_same_grid, geometry_mismatch, load_volume, read_geometry
 from volcontrast.io.volume import Volume
-from volcontrast.utils.files import atomic_write_json, read_json, stable_hash
+from volcontrast.utils.files import (
+    as_input_error,
+    atomic_write_json,
+    check_digest,
+    claim_folder,
+    file_digest,
+    read_json,
+    remove_quietly,
+    stable_hash,
+)
 
 CACHE_FORMAT = 1
 
@@ -219,8 +234,21 @@ def preprocess_case(image: Volume, label: np.ndarray | None, resolved: dict[str,
     return PreparedCase(np.ascontiguousarray(data, dtype=np.float32), label, body, meta)
 
 
-def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, fingerprint: str) -> tuple[str, int]:
-    """Preprocess one case and move its finished folder into ``out/cases/<id>``. Returns (id, bytes)."""
+def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, fingerprint: str,
+                  dirname: str | None = None) -> tuple[str, int]:
+    """Preprocess one case and move its finished folder into ``out/cases/<dirname>`` (default: its id).
+    Returns (id, bytes)."""
+    try:
+        return _process_case_unchecked(case, ds, resolved, out, fingerprint, dirname or case.id)
+    except OSError as exc:  # a full disk or a read-only cache: the user's to fix
+        err = as_input_error(exc, Path(out) / "cases")
+        if err is exc:
+            raise
+        raise err from None
+
+
+def _process_case_unchecked(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, fingerprint: str,
+                            dirname: str) -> tuple[str, int]:
     image = _load_image(case, ds.num_channels, ds.channels_in_file)
     label = _load_label(case, image, ds.label_names)
     prepared = preprocess_case(image, label, resolved)
@@ -232,19 +260,24 @@ def _process_case(case: Case, ds: Dataset, resolved: dict[str, Any], out: str, f
         "fingerprint": fingerprint,
     }
     cases_dir = Path(out) / "cases"
-    tmp = cases_dir / f".tmp-{case.id}-{os.getpid()}"
+    tmp = cases_dir / f".tmp-{dirname}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    np.save(tmp / "image.npy", np.ascontiguousarray(data, dtype=np.float32))
-    np.save(tmp / "body.npy", np.ascontiguousarray(body, dtype=np.uint8))
-    if label is not None:
-        np.save(tmp / "label.npy", np.ascontiguousarray(label))
-    atomic_write_json(tmp / "meta.json", meta)
+    try:
+        np.save(tmp / "image.npy", np.ascontiguousarray(data, dtype=np.float32))
+        np.save(tmp / "body.npy", np.ascontiguousarray(body, dtype=np.uint8))
+        if label is not None:
+            np.save(tmp / "label.npy", np.ascontiguousarray(label))
+        meta["files"] = {f.name: file_digest(f) for f in sorted(tmp.iterdir()) if f.suffix == ".npy"}
+        atomic_write_json(tmp / "meta.json", meta)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
     nbytes = sum(f.stat().st_size for f in tmp.iterdir())
-    final = cases_dir / case.id
+    final = cases_dir / dirname
     if final.exists():
-        old = cases_dir / f".old-{case.id}-{os.getpid()}"
+        old = cases_dir / f".old-{dirname}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -318,7 +351,13 @@ def prepare_dataset(
     out = Path(out)
     ds = open_dataset(data)
     report = PrepareReport(out=out)
-    (out / "cases").mkdir(parents=True, exist_ok=True)
+    claim_folder(out)  # one writer per cache (released when this process exits)
+    try:
+        (out / "cases").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise as_input_error(exc, out / "cases") from None
+    committed = _committed_manifest(out)
+    in_use = _case_dirs(committed) if committed else set()  # folders the committed manifest reads
     for stale in (out / "cases").glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in (out / "cases").glob(".old-*"):
@@ -383,50 +422,103 @@ def prepare_dataset(
         "skipped": {},
     }
 
-    # 3. cases: reuse unchanged ones, process the rest
+    # 3. cases: reuse unchanged ones whose files are intact, process the rest (into a folder that the committed
+    # manifest does not use, so that a failure leaves the old cache valid)
     fingerprints = {c.id: stable_hash([settings_hash, _source_signature(c)]) for c in good}
+    dirs: dict[str, str] = {}
     todo = []
     for case in good:
-        meta_path = out / "cases" / case.id / "meta.json"
-        if meta_path.exists():
-            try:
-                if read_json(meta_path).get("fingerprint") == fingerprints[case.id]:
-                    report.reused.append(case.id)
-                    continue
-            except InputError:
-                pass
+        found = _find_case_dir(out / "cases", case.id, fingerprints[case.id])
+        if found is not None:
+            dirs[case.id] = found
+            report.reused.append(case.id)
+            continue
+        dirs[case.id] = case.id if case.id not in in_use else f"{case.id}@{fingerprints[case.id][:8]}"
         todo.append(case)
 
     def write_manifest(complete: bool) -> None:
         done = set(report.reused) | set(report.prepared)
         manifest["cases"] = [c.id for c in ds.cases if c.id in done]
+        manifest["case_dirs"] = {cid: dirs[cid] for cid in manifest["cases"] if dirs[cid] != cid}
         manifest["skipped"] = dict(report.skipped)
         manifest["complete"] = complete
         manifest["dataset_fingerprint"] = stable_hash(sorted(fingerprints.values()))
         atomic_write_json(out / "manifest.json", manifest)
 
     try:
-        results = runner.map("prepare", _process_case_entry, todo, ds, resolved, str(out), fingerprints,
+        results = runner.map("prepare", _process_case_entry, todo, ds, resolved, str(out), fingerprints, dirs,
                              on_error=on_error)
     except BaseException:
-        # keep every finished case usable: record them, then re-raise
-        report.prepared = sorted(
-            c.id for c in todo
-            if (out / "cases" / c.id / "meta.json").exists()
-            and read_json(out / "cases" / c.id / "meta.json").get("fingerprint") == fingerprints[c.id]
-        )
-        write_manifest(False)
-        raise
+        if committed is None:
+            # a first run: keep every finished case usable (an incomplete manifest), then re-raise
+            report.prepared = sorted(
+                c.id for c in todo if _case_ok(out / "cases" / dirs[c.id], fingerprints[c.id], hash=False))
+            write_manifest(False)
+        raise  # else the committed manifest and its cases stay as they were; the finished cases are reused next time
     for cid, (_, nbytes) in results.items():
         report.prepared.append(cid)
         report.bytes_written += nbytes
     write_manifest(True)
+    _remove_superseded(out / "cases", {cid: dirs[cid] for cid in manifest["cases"]})
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _process_case_entry(case: Case, ds: Dataset, resolved: dict, out: str, fingerprints: dict[str, str]):
-    return _process_case(case, ds, resolved, out, fingerprints[case.id])
+def _committed_manifest(out: Path) -> dict[str, Any] | None:
+    """The cache's complete manifest, if it has one (what a rerun must not break before it succeeds)."""
+    try:
+        manifest = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else None
+    except InputError:
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("complete") else None
+
+
+def _case_dirs(manifest: dict[str, Any]) -> set[str]:
+    named = manifest.get("case_dirs") or {}
+    return {str(named.get(cid, cid)) for cid in manifest.get("cases", [])}
+
+
+def _case_ok(folder: Path, fingerprint: str, hash: bool = True) -> bool:
+    """Whether ``folder`` holds the case prepared with ``fingerprint``, every array as it was written (size and,
+    with ``hash``, the sha256 recorded in meta.json)."""
+    try:
+        meta = read_json(folder / "meta.json") if (folder / "meta.json").is_file() else None
+    except InputError:
+        return False
+    if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+        return False
+    files = meta.get("files")
+    if not isinstance(files, dict):  # written before digests were recorded: the arrays must at least exist
+        names = ["image.npy", "body.npy"] + (["label.npy"] if meta.get("has_label") else [])
+        return all((folder / n).is_file() for n in names)
+    return all(check_digest(folder / name, digest, hash=hash) is None for name, digest in files.items())
+
+
+def _find_case_dir(cases: Path, case_id: str, fingerprint: str) -> str | None:
+    """The folder (``<id>`` or ``<id>@...``) holding an intact copy of the case with ``fingerprint``, if any."""
+    for name in [case_id, f"{case_id}@{fingerprint[:8]}"]:
+        if (cases / name).is_dir() and _case_ok(cases / name, fingerprint):
+            return name
+    return None
+
+
+def _remove_superseded(cases: Path, dirs: dict[str, str]) -> None:
+    """After a successful run: remove the other folders of each case (older versions, ``<id>`` vs ``<id>@...``)."""
+    for cid, keep in dirs.items():
+        for name in {cid, *(p.name for p in cases.glob(f"{_glob_escape(cid)}@*"))}:
+            if name != keep and (cases / name).is_dir():
+                shutil.rmtree(cases / name, ignore_errors=True)
+
+
+def _glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
+def _process_case_entry(case: Case, ds: Dataset, resolved: dict, out: str, fingerprints: dict[str, str],
+                        dirs: dict[str, str]):
+    return _process_case(case, ds, resolved, out, fingerprints[case.id], dirs[case.id])
 
 
 def _versions() -> dict[str, str]:

@@ -5,11 +5,18 @@
 ``RUN/model.json``             architecture, preprocessing, method, step, version
 ``RUN/trainer_state.pt``       optimizer state + step for ``--resume`` (tensors/containers only:
                                loaded with ``torch.load(weights_only=True)``)
+``RUN/checkpoint.json``        the commit record: step, the step folder, and each file's size and sha256
 ``RUN/log.csv``                one row per logged step (``step``, ``loss``, ``lr``, ...)
 ``RUN/tb/``                    TensorBoard events
-``RUN/checkpoints/step_N/``    snapshots kept every ``keep_every`` steps (same three files)
+``RUN/checkpoints/step_N/``    the step folders (same three files + their checkpoint.json); the latest one and
+                               those kept every ``keep_every`` steps stay, the others go
+``RUN/.lock``                  advisory lock held by the process writing the run (holds its PID)
 
-Every file is written atomically; a checkpoint is complete when ``model.json`` (written last) names its step.
+A checkpoint is one commit: its files are written into a temporary folder that is renamed to
+``checkpoints/step_N``, then ``RUN/checkpoint.json`` (naming that folder) is replaced atomically — that rename is
+the commit. Only then are the top-level files published (hard links to the step folder's files). ``--resume``
+reads the committed step folder only, after checking every file's size and checksum, so a kill at any moment
+resumes from the last complete checkpoint; stale ``.tmp-*`` files and uncommitted step folders are removed.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import csv
 import io
 import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +36,135 @@ from safetensors.torch import load_file, save_file
 from volcontrast import __version__
 from volcontrast.errors import InputError
 from volcontrast.nets.base import alias_map, deduplicated_state_dict
-from volcontrast.utils.files import atomic_save, atomic_write_bytes, atomic_write_json, read_json
+from volcontrast.utils.files import (
+    as_input_error,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_digest,
+    claim_folder,
+    file_digest,
+    fsync_file,
+    read_json,
+    remove_quietly,
+    remove_stale_tmp,
+)
 
 MODEL_FILE = "model.safetensors"
 MODEL_JSON = "model.json"
 STATE_FILE = "trainer_state.pt"
+CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, MODEL_JSON)  # publication order: model.json last
+
+
+def _write_checkpoint_files(folder: Path, model: torch.nn.Module, model_json: dict[str, Any],
+                            trainer_state: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Write (and fsync) the checkpoint's files into ``folder`` under their final names; their digests."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in deduplicated_state_dict(model).items()}
+    save_file(tensors, str(folder / MODEL_FILE))
+    fsync_file(folder / MODEL_FILE)
+    if trainer_state is not None:
+        buf = io.BytesIO()
+        torch.save(trainer_state, buf)
+        with open(folder / STATE_FILE, "wb") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+    import json
+
+    with open(folder / MODEL_JSON, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"volcontrast_version": __version__, **model_json}, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return {name: file_digest(folder / name) for name in CHECKPOINT_FILES if (folder / name).is_file()}
+
+
+def _write_step_folder(final: Path, model: torch.nn.Module, model_json: dict[str, Any],
+                       trainer_state: dict[str, Any] | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Build a complete checkpoint folder in a temporary sibling and rename it to ``final`` (replacing an
+    uncommitted leftover of the same name). Returns its record (``checkpoint.json``)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        files = _write_checkpoint_files(tmp, model, model_json, trainer_state)
+        record = {"step": model_json.get("step"), **extra, "files": files}
+        with open(tmp / CHECKPOINT_JSON, "w", encoding="utf-8") as f:
+            import json
+
+            f.write(json.dumps(record, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            remove_quietly(final)
+        os.replace(tmp, final)
+        tmp = None
+    except OSError as exc:
+        raise as_input_error(exc, final) from None
+    finally:
+        if tmp is not None:
+            remove_quietly(tmp)
+    return record
+
+
+def _umask() -> int:
+    from volcontrast.utils import files
+
+    return files._UMASK
+
+
+def _publish(src: Path, folder: Path, record: dict[str, Any]) -> None:
+    """Make ``folder/<name>`` the committed ``src/<name>`` for each file (hard links, each swapped in atomically)."""
+    for name in CHECKPOINT_FILES:
+        if name not in record["files"]:
+            continue
+        target = folder / name
+        tmp = folder / f".tmp-{name}-{os.getpid()}"
+        remove_quietly(tmp)
+        try:
+            try:
+                os.link(src / name, tmp)
+            except OSError:  # no hard links here (some network file systems): copy
+                shutil.copyfile(src / name, tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            remove_quietly(tmp)
+            raise as_input_error(exc, target) from None
 
 
 def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, model_json: dict[str, Any],
                     trainer_state: dict[str, Any] | None) -> Path:
-    """Write weights, trainer state and (last) model.json into ``folder``, each atomically."""
+    """A self-contained checkpoint folder: weights, trainer state, ``model.json`` and ``checkpoint.json``.
+
+    The files are written into a temporary step folder that is renamed into ``folder/checkpoints/``; replacing
+    ``folder/checkpoint.json`` commits it; the top-level files are then published (see the module docstring).
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in deduplicated_state_dict(model).items()}
-    atomic_save(folder / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
-    if trainer_state is not None:
-        buf = io.BytesIO()
-        torch.save(trainer_state, buf)
-        atomic_write_bytes(folder / STATE_FILE, buf.getvalue())
-    atomic_write_json(folder / MODEL_JSON, {"volcontrast_version": __version__, **model_json})
+    step = int(model_json.get("step", 0))
+    _commit(folder, model, {**model_json, "step": step}, trainer_state, step, keep=False)
     return folder
+
+
+def _commit(root: Path, model: torch.nn.Module, model_json: dict[str, Any], trainer_state: dict[str, Any] | None,
+            step: int, keep: bool) -> dict[str, Any]:
+    previous = _read_record(root)
+    name = f"step_{step:07d}"
+    record = _write_step_folder(root / "checkpoints" / name, model, model_json, trainer_state,
+                                {"folder": f"checkpoints/{name}", "keep": keep})
+    atomic_write_json(root / CHECKPOINT_JSON, record)  # the commit
+    _publish(root / record["folder"], root, record)
+    if previous is not None and previous.get("folder") != record["folder"] and not previous.get("keep"):
+        remove_quietly(root / str(previous["folder"]))
+    return record
+
+
+def _read_record(root: Path) -> dict[str, Any] | None:
+    path = root / CHECKPOINT_JSON
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or "folder" not in record:
+        raise InputError(path, "not a checkpoint record (no folder/files)")
+    return record
 
 
 def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -109,9 +227,12 @@ class CSVLog:
         atomic_write_bytes(self.path, buf.getvalue().encode())
 
     def append(self, row: dict[str, Any]) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            writer.writerow({k: _fmt(v) for k, v in row.items()})
+        try:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                writer.writerow({k: _fmt(v) for k, v in row.items()})
+        except OSError as exc:
+            raise as_input_error(exc, self.path) from None
 
 
 def _fmt(v: Any) -> Any:
@@ -129,6 +250,10 @@ def read_log(path: str | os.PathLike) -> list[dict[str, float]]:
     return out
 
 
+def _main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
 class RunDir:
     """Paths and checkpoint bookkeeping of one run folder."""
 
@@ -140,27 +265,93 @@ class RunDir:
         return self.root / "checkpoints"
 
     def exists(self) -> bool:
-        return (self.root / MODEL_JSON).is_file()
+        """Whether the folder holds a committed checkpoint (or a model.json of a run from before checkpoint.json)."""
+        return (self.root / CHECKPOINT_JSON).is_file() or (self.root / MODEL_JSON).is_file()
 
     def latest_step(self) -> int | None:
+        record = _read_record(self.root)
+        if record is not None:
+            return int(record.get("step") or 0)
         if not self.exists():
             return None
         return int(load_model_json(self.root).get("step", 0))
 
+    def committed(self) -> Path | None:
+        """The folder of the last committed checkpoint, verified (every file's size and checksum), with the
+        top-level files re-published from it; None when the run has no checkpoint yet.
+
+        Raises:
+            InputError: the committed step folder is damaged (a file missing, truncated or changed).
+        """
+        record = _read_record(self.root)
+        if record is None:
+            if (self.root / MODEL_JSON).is_file() and (self.root / STATE_FILE).is_file():
+                return self.root  # a run folder written before checkpoint.json existed
+            return None
+        folder = self.root / str(record["folder"])
+        for name, digest in record["files"].items():
+            why = check_digest(folder / name, digest)
+            if why:
+                raise InputError(folder / name, f"the checkpoint of step {record.get('step')} is damaged: the file"
+                                                f" {why}; resume from a kept snapshot in {self.checkpoints}")
+        if _main_rank():
+            for name, digest in record["files"].items():
+                if check_digest(self.root / name, digest, hash=False) or not os.path.samefile(
+                        self.root / name, folder / name):
+                    _publish(folder, self.root, record)  # a kill during the last publication
+                    break
+        return folder
+
+    def _clean(self) -> None:
+        """Remove what a killed writer left: ``.tmp-*`` files and step folders that are neither committed nor kept."""
+        remove_stale_tmp(self.root)
+        remove_stale_tmp(self.checkpoints)
+        record = _read_record(self.root)
+        current = str(record["folder"]) if record else None
+        if not self.checkpoints.is_dir():
+            return
+        for d in self.checkpoints.iterdir():
+            if not d.is_dir() or not d.name.startswith("step_") or f"checkpoints/{d.name}" == current:
+                continue
+            own = d / CHECKPOINT_JSON
+            try:
+                kept = own.is_file() and bool(read_json(own).get("keep"))
+            except InputError:
+                kept = False
+            if not kept:
+                remove_quietly(d)
+
     def open_config(self, cls: type, config: Any, resume: bool, steps: int | None) -> Any:
         """The config a run starts or continues with: its saved ``config.yaml`` on resume (``steps`` may
-        extend it), else ``config`` — refusing a folder that already holds a run (nothing is overwritten)."""
+        extend it), else ``config`` — refusing a folder that already holds a run (nothing is overwritten).
+
+        The main process claims the folder first (an exclusive lock held until it exits): a second writer stops
+        with an error naming the holder's PID. A run killed before its first checkpoint resumes from step 0.
+        """
         from volcontrast.config import from_dict, load_yaml
 
+        if _main_rank():
+            claim_folder(self.root)
+        elif self.root.exists() and not self.root.is_dir():
+            raise InputError(self.root, "is a file, not a folder; choose a folder for the output")
+        has_config = (self.root / "config.yaml").is_file()
         if resume:
-            if not (self.root / "config.yaml").is_file() or not self.exists():
-                raise InputError(self.root, "nothing to resume here (no config.yaml / model.json)")
+            if not has_config:
+                raise InputError(self.root, "nothing to resume here (no config.yaml)")
             try:
                 config = from_dict(cls, load_yaml(self.root / "config.yaml"), where=str(self.root / "config.yaml"))
             except ValueError as exc:
                 raise InputError(self.root / "config.yaml", str(exc)) from None
-        elif (self.root / "config.yaml").exists() or self.exists():
+            if _main_rank():
+                self._clean()
+                if not self.exists():
+                    print(f"note: {self.root} has no checkpoint yet (the run stopped before its first one);"
+                          " starting it again from step 0", file=sys.stderr)
+        elif self.exists():
             raise InputError(self.root, "already holds a run; use --resume to continue it or choose another --out")
+        elif has_config:
+            raise InputError(self.root, "holds a run that stopped before its first checkpoint; use --resume to start"
+                                        " it again from step 0, or choose another --out")
         config = (config or cls()).validate()
         if steps is not None:
             config.steps = steps
@@ -168,14 +359,18 @@ class RunDir:
 
     def save(self, model: torch.nn.Module, model_json: dict[str, Any], trainer_state: dict[str, Any], step: int,
              keep: bool) -> None:
-        if keep:
-            save_checkpoint(self.checkpoints / f"step_{step:07d}", model, {**model_json, "step": step}, trainer_state)
-        save_checkpoint(self.root, model, {**model_json, "step": step}, trainer_state)
+        """Commit the checkpoint of ``step`` (one atomic rename of ``checkpoint.json``); ``keep`` keeps its step
+        folder as a snapshot after later checkpoints."""
+        _commit(self.root, model, {**model_json, "step": step}, trainer_state, step, keep)
 
     def prune(self, keep_every: int) -> None:
-        """Remove snapshot folders that are not multiples of ``keep_every``."""
+        """Remove snapshot folders that are not multiples of ``keep_every`` (never the committed one)."""
         if not self.checkpoints.is_dir():
             return
+        record = _read_record(self.root)
+        current = str(record["folder"]) if record else None
         for d in self.checkpoints.iterdir():
+            if f"checkpoints/{d.name}" == current:
+                continue
             if d.name.startswith("step_") and (keep_every <= 0 or int(d.name[5:]) % keep_every):
                 shutil.rmtree(d, ignore_errors=True)

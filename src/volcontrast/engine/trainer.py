@@ -199,12 +199,13 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
     optimizer = build_optimizer(groups, s, device)
     start = 0
     export = getattr(task, "export_module", module)
-    if resume:
-        state = load_trainer_state(run.root)
+    ckpt = run.committed() if resume else None  # None: stopped before its first checkpoint -> from step 0
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
         if export is module:
-            load_module_state(module, load_weights(run.root), run.root / "model.safetensors")
+            load_module_state(module, load_weights(ckpt), ckpt / "model.safetensors")
         else:
-            load_module_state(module, state["module_state"], run.root / "trainer_state.pt")
+            load_module_state(module, state["module_state"], ckpt / "trainer_state.pt")
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
         module.to(device)
