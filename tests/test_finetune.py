@@ -53,16 +53,35 @@ def test_test_fold_never_reaches_training_or_checkpoint_choice(phantom_cache, tm
 
     monkeypatch.setattr(finetune_mod, "LabelledBoxSampler", spy_sampler)
     monkeypatch.setattr(finetune_mod.SegmentationTask, "validate", spy_validate)
-    finetune(phantom_cache, tmp_path / "run", _ft(labeled=1, fold=1), progress=False)
+    finetune(phantom_cache, tmp_path / "run", _ft(labeled=1, val=1, fold=1), progress=False)
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     test = set(split["test"])
     assert test and not test & set(seen["train"]) and not test & seen["val"]
     assert seen["train"] == split["labeled"] and set(split["labeled"]) <= set(split["train"])
-    assert seen["val"] == set(split["val"])
+    assert seen["val"] == set(split["validation"]) and set(split["validation"]) <= set(split["val"])
+    assert split["label_budget"] == 2  # the validation volume counts
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["kind"] == "segmentation" and meta["labeled_cases"] == split["labeled"]
     best = json.loads((tmp_path / "run" / "best" / "model.json").read_text())
     assert best["step"] in (2, 4) and 0.0 <= best["val_dice"] <= 1.0
+
+
+def test_default_run_reads_no_label_outside_its_training_volume(phantom_cache, tmp_path, monkeypatch):
+    from volcontrast.data.cache import Cache
+
+    touched = []
+    real_label = Cache.label
+
+    def spy_label(self, cid):
+        touched.append(cid)
+        return real_label(self, cid)
+
+    monkeypatch.setattr(Cache, "label", spy_label)
+    finetune(phantom_cache, tmp_path / "run", _ft(labeled=1), progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert touched and set(touched) == set(split["labeled"]) and len(split["labeled"]) == 1
+    assert split["validation"] == [] and split["label_budget"] == 1
+    assert not (tmp_path / "run" / "best").exists()  # no checkpoint choice: the last weights are the model
 
 
 def test_split_and_budget_draws_are_deterministic(phantom_cache, tmp_path):
@@ -106,19 +125,26 @@ def test_evaluate_writes_metrics_for_the_test_fold(phantom_cache, tmp_path):
 def test_tiny_benchmark_writes_csv_table_png_and_resumes(phantom_cache, tmp_path):
     cfg = BenchmarkConfig(methods=["scratch", "pcl", "spade-nodebias"], labeled=[1], folds=2, run_folds=[0],
                           seeds=[0], pretrain_preset="cpu-tiny", finetune_preset="cpu-tiny", pretrain_steps=2,
-                          finetune_steps=2, pretrain={"data": {"crop_size": [16, 16, 16]}, "probe_crops": 0},
-                          finetune={"data": {"crop_size": [16, 16, 16]}},
+                          finetune_steps=4, eval_at=[0.5, 1.0],
+                          pretrain={"data": {"crop_size": [16, 16, 16]}, "probe_crops": 0},
+                          finetune={"data": {"crop_size": [16, 16, 16]}, "log_every": 1},
                           pretrain_by_method={"spade-nodebias": {"steps": 3, "spade": {"local_points": 16}}})
     results = run_benchmark(phantom_cache, tmp_path / "bench", cfg, progress=False, log=lambda m: None)
     rows = read_results(results)
-    assert sorted(r["method"] for r in rows) == ["pcl", "scratch", "spade-nodebias"]
+    n_test = rows[0]["n_test"]
+    # one row per method x scored point (50%, 100% of the steps) x test case
+    assert len(rows) == 3 * 2 * n_test and n_test == 2
+    assert sorted({r["method"] for r in rows}) == ["pcl", "scratch", "spade-nodebias"]
+    assert sorted({(r["at"], r["step"], r["checkpoint"]) for r in rows}) == [(0.5, 2, "step2"), (1.0, 4, "last")]
     pre = {p.name.split("_seed")[0]: load_yaml(p / "config.yaml") for p in (tmp_path / "bench" / "runs" /
                                                                               "pretrain").iterdir()}
     assert pre["pcl"]["steps"] == 2 and pre["spade-nodebias"]["steps"] == 3  # per-method overrides win
     assert pre["spade-nodebias"]["spade"]["local_points"] == 16 and pre["pcl"]["spade"]["local_points"] == 1024
-    assert all(r["labeled"] == 1 and r["fold"] == 0 and 0 <= r["dice"] <= 1 for r in rows)
+    assert all(r["labeled"] == 1 and r["val"] == 0 and r["fold"] == 0 and 0 <= r["dice"] <= 1 for r in rows)
+    assert all(r["converged"] in (0.0, 1.0) and 0 <= r["train_dice"] <= 1 for r in rows)
     md = (tmp_path / "bench" / "results.md").read_text(encoding="utf-8")
-    assert "| scratch |" in md and "| pcl |" in md
+    assert "| scratch |" in md and "| pcl |" in md and "One fold only (fold 0)" in md
+    assert "| pcl | M=1 |" in md and "50% of steps" in md
     png = (tmp_path / "bench" / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # the same labelled draw for every method
@@ -128,7 +154,7 @@ def test_tiny_benchmark_writes_csv_table_png_and_resumes(phantom_cache, tmp_path
     assert drawn["scratch"] == drawn["pcl"]
     # a rerun finds every cell finished and adds nothing
     run_benchmark(phantom_cache, tmp_path / "bench", cfg, progress=False, log=lambda m: None)
-    assert len(read_results(results)) == 3
+    assert len(read_results(results)) == 3 * 2 * n_test
 
 
 def test_cli_finetune_evaluate(phantom_cache, tmp_path, capsys):
@@ -200,7 +226,8 @@ def test_pdcr_grid_spacing_follows_the_patch_and_strides(phantom_cache, tmp_path
     assert pdcr_grid_spacing(tiny, [2, 3], (32, 32, 32), 16) == 16
     with pytest.raises(InputError, match="--pdcr-stages"):
         finetune(phantom_cache, tmp_path / "bad", _ft(pdcr=True, pdcr_stages=[2, 9]), progress=False)
-    assert not (tmp_path / "bad").exists()  # nothing written for a bad option
+    # nothing written for a bad option (the run folder's lock file aside)
+    assert not [p.name for p in (tmp_path / "bad").glob("*") if p.name != ".lock"]
 
 
 def test_deep_supervision_with_pdcr_and_uafs(phantom_cache, tmp_path):

@@ -1,30 +1,42 @@
-"""Benchmark results: an append-only ``results.csv``, markdown summary tables and a Dice-vs-labels plot.
+"""Benchmark results: an append-only, per-case ``results.csv``, paired statistics, ``results.md`` and a plot.
 
-``results.csv`` schema — one row per finished cell run (method, labelled budget, fold, seed):
+``results.csv`` schema — one row per **test case** of a finished cell run (method, label budget, fold, seed) and
+per scored point of fine-tuning (``at``):
 
 ============== ===== ===================================================================================
 column         type  meaning
 ============== ===== ===================================================================================
-method         str   pretraining method name (``scratch`` for no pretraining), e.g. ``pcl``, ``spade``
-labeled        int   label budget M: number of labelled training volumes used for fine-tuning
+method         str   pretraining method (``scratch`` for none), with variants/dimension, e.g. ``pcl+pdcr@2d``
+labeled        int   label budget M: **every** labelled volume the run saw (training + validation)
+val            int   how many of the M were validation volumes used for checkpoint choice (0 = none)
 fold           int   test fold index (``data.splits.Split.fold``)
 seed           int   seed of the label draw and of fine-tuning
-dice           float mean Dice over the test fold: ``engine.metrics.aggregate(...)["mean_dice"]`` (NaN rule)
-hd95           float mean HD95 in mm over the test fold, same aggregation
-n_test         int   number of test volumes scored
-pretrain_run   str   run folder of the pretrained checkpoint ("" when trained from scratch)
+at             float share of the fine-tuning steps done when scored (1.0 = the end; e.g. 0.1, 0.3)
+step           int   the fine-tuning step scored
+case           str   test case id
+dice           float Dice of this case, nanmean over its foreground classes (``engine.metrics`` NaN rule)
+hd95           float HD95 (mm) of this case, same aggregation
+n_test         int   test cases scored for this cell and point (a cell is finished when all are written)
+checkpoint     str   the weights scored: ``last``, ``best`` (validation choice) or ``step<N>`` (a snapshot)
+lr             float base learning rate of the run (scratch: its own, see ``lr_sweep.json``)
+train_dice     float training Dice at the end (mean over the last 10% of the logged steps)
+converged      float 1 when the training Dice is flat over the last 20% of the steps (:func:`training_converged`)
+pretrain_run   str   run folder of the pretrained checkpoint ("" from scratch)
 finetune_run   str   run folder of the fine-tuned model
-seconds        float wall-clock seconds of this cell (fine-tuning + evaluation)
-pool           str   pretraining pool: ``fold`` (training-fold images only) or ``transductive`` ("" unknown)
-dice_<name>    float optional, per-class mean Dice over the test fold (``<name>`` = label name)
-hd95_<name>    float optional, per-class mean HD95 (mm)
+seconds        float wall-clock seconds of the cell (fine-tuning + evaluation)
+pool           str   pretraining pool: ``fold`` (training-fold images only) or ``transductive``
+dice_<name>    float per-class Dice of this case (``<name>`` = label name)
 ============== ===== ===================================================================================
 
-The first seven columns are required in every row; the others may be empty. The header is written with the
-first row (standard columns, then the first row's extra columns in its order) and never changes: a later row
-with a column the header lacks is an error. Rows are only ever appended, one ``write`` per line, so a crash
-loses at most the line being written; a torn line is skipped with a warning on reading and its cell counts
-as unfinished (a resumed benchmark simply runs it again). If a cell appears twice, the later row wins.
+A cell's rows are appended with one ``write`` (the final point last); a torn last line is skipped on reading and
+its cell counts as unfinished (a resumed benchmark runs it again; for a repeated (cell, at, case) the later row
+wins).
+
+**Paired statistics.** A method is compared with scratch (``scratch`` of the same dimension) on the *same* test
+cases of the same fold, seed and labelled draw: d = Dice(method) − Dice(scratch) per (fold, seed, case). The
+report shows mean d, a percentile bootstrap 95% CI of the mean over those units (:func:`bootstrap_ci`, seeded
+and deterministic), wins/losses (units with d > 0 / d < 0) and a verdict (:func:`gain_label`): a *gain* only
+when the CI lies above 0.
 """
 
 from __future__ import annotations
@@ -42,16 +54,21 @@ import numpy as np
 
 from volcontrast.engine.metrics import NAN_RULE
 from volcontrast.errors import InputError
-from volcontrast.utils.files import atomic_save, atomic_write_text
+from volcontrast.utils.files import atomic_save, atomic_write_text, read_json
 
-REQUIRED_COLUMNS = ("method", "labeled", "fold", "seed", "dice", "hd95", "n_test")
-STANDARD_COLUMNS = (*REQUIRED_COLUMNS, "pretrain_run", "finetune_run", "seconds", "pool")
-INT_COLUMNS = frozenset({"labeled", "fold", "seed", "n_test"})
-FLOAT_COLUMNS = frozenset({"dice", "hd95", "seconds"})
-CELL_KEY = ("method", "labeled", "fold", "seed")
+REQUIRED_COLUMNS = ("method", "labeled", "fold", "seed", "case", "dice")
+STANDARD_COLUMNS = ("method", "labeled", "val", "fold", "seed", "at", "step", "case", "dice", "hd95", "n_test",
+                    "checkpoint", "lr", "train_dice", "converged", "pretrain_run", "finetune_run", "seconds", "pool")
+INT_COLUMNS = frozenset({"labeled", "val", "fold", "seed", "step", "n_test"})
+FLOAT_COLUMNS = frozenset({"dice", "hd95", "at", "lr", "train_dice", "converged", "seconds"})
+BOOTSTRAP = 2000  # resamples of the paired-difference CI
+BOOTSTRAP_SEED = 0
+CONVERGE_TOL = 0.02  # training Dice may move at most this much over the last 20% of the steps
 
-Cell = tuple[str, int, int, int]
-"""(method, labeled, fold, seed)."""
+Cell = tuple[str, int, int, int, int]
+"""(method, labeled, val, fold, seed)."""
+Budget = tuple[int, int]
+"""(labeled = M, val)."""
 
 
 def _is_float_column(name: str) -> bool:
@@ -76,38 +93,38 @@ def _read_header(path: Path) -> list[str]:
     return header
 
 
-def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
-    """Append one result row to ``path`` (created with its header if missing or empty).
-
-    Args:
-        path: the results.csv file.
-        row: values by column name (see the module docstring); NaN floats are written as ``nan``.
+def append_results(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append ``rows`` to ``path`` with one ``write`` (the file is created with its header if missing or empty).
 
     Raises:
-        InputError: a required column is missing from ``row``, or ``row`` has a column the existing header lacks.
+        InputError: a required column is missing from a row, or a row has a column the existing header lacks.
     """
     p = Path(path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in row]
-    if missing:
-        raise InputError(p, f"result row lacks required column(s) {', '.join(missing)}")
+    if not rows:
+        return
+    for row in rows:
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise InputError(p, f"result row lacks required column(s) {', '.join(missing)}")
     new = not p.exists() or p.stat().st_size == 0
     if new:
-        header = [*STANDARD_COLUMNS, *(k for k in row if k not in STANDARD_COLUMNS)]
+        header = [*STANDARD_COLUMNS, *dict.fromkeys(k for r in rows for k in r if k not in STANDARD_COLUMNS)]
     else:
         header = _read_header(p)
-        extra = [k for k in row if k not in header]
-        if extra:
-            raise InputError(p, f"result row has column(s) {', '.join(extra)} that the existing header lacks")
+    extra = sorted({k for r in rows for k in r if k not in header})
+    if extra:
+        raise InputError(p, f"result row has column(s) {', '.join(extra)} that the existing header lacks")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     if new:
         writer.writerow(header)
-    writer.writerow([_format_value(row.get(c)) for c in header])
+    for row in rows:
+        writer.writerow([_format_value(row.get(c)) for c in header])
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "a+b") as f:
         f.seek(0, os.SEEK_END)
         prefix = b""
-        if f.tell() > 0:  # a torn last line (crash mid-write) must not swallow this row
+        if f.tell() > 0:  # a torn last line (crash mid-write) must not swallow these rows
             f.seek(-1, os.SEEK_END)
             prefix = b"" if f.read(1) == b"\n" else b"\n"
         f.write(prefix + buf.getvalue().encode())
@@ -115,8 +132,15 @@ def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def append_result(path: str | os.PathLike, row: Mapping[str, Any]) -> None:
+    """Append one row (see :func:`append_results`)."""
+    append_results(path, [row])
+
+
 def _parse(name: str, text: str) -> Any:
     if name in INT_COLUMNS:
+        if text == "" and name not in REQUIRED_COLUMNS:
+            return 0
         return int(text)
     if _is_float_column(name):
         return float(text) if text != "" else math.nan
@@ -127,7 +151,7 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All well-formed rows of a results.csv, typed (ints, floats with NaN for empty, strings).
 
     Malformed rows (wrong number of fields, unparsable numbers: a torn last line) are skipped with a warning
-    naming the file and line.
+    naming the file and line. Rows without ``at`` count as the end of fine-tuning (1.0).
 
     Raises:
         InputError: the file is missing or its header is not a results.csv header.
@@ -153,74 +177,111 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
             except ValueError as exc:
                 warnings.warn(f"{p}:{line}: skipped an unreadable row ({exc})", stacklevel=2)
                 continue
+            row.setdefault("val", 0)
+            if math.isnan(row.get("at", math.nan)):
+                row["at"] = 1.0
             rows.append(row)
     return rows
 
 
+def _cell(row: Mapping[str, Any]) -> Cell:
+    return (str(row["method"]), int(row["labeled"]), int(row.get("val", 0)), int(row["fold"]), int(row["seed"]))
+
+
 def finished_cells(path: str | os.PathLike) -> set[Cell]:
-    """(method, labeled, fold, seed) of every row in ``path``; empty when the file does not exist yet."""
+    """(method, labeled, val, fold, seed) of every cell whose final point (``at`` = 1) has all ``n_test`` cases;
+    empty when the file does not exist yet."""
     p = Path(path)
     if not p.exists() or p.stat().st_size == 0:
         return set()
-    return {_cell(r) for r in read_results(p)}
-
-
-def _cell(row: Mapping[str, Any]) -> Cell:
-    return (str(row["method"]), int(row["labeled"]), int(row["fold"]), int(row["seed"]))
+    cases: dict[Cell, set[str]] = {}
+    need: dict[Cell, int] = {}
+    for r in read_results(p):
+        if float(r["at"]) != 1.0:
+            continue
+        cases.setdefault(_cell(r), set()).add(str(r["case"]))
+        need[_cell(r)] = int(r.get("n_test") or 0)
+    return {c for c, ids in cases.items() if len(ids) >= need[c]}
 
 
 def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """One row per cell (the last one written), in first-appearance order."""
-    by_cell: dict[Cell, Mapping[str, Any]] = {}
+    """One row per (cell, at, case) (the last one written), in first-appearance order."""
+    by_key: dict[tuple, Mapping[str, Any]] = {}
     for r in rows:
-        by_cell[_cell(r)] = r
-    return list(by_cell.values())
+        by_key[(*_cell(r), float(r.get("at", 1.0)), str(r["case"]))] = r
+    return list(by_key.values())
 
 
-def _methods_and_budgets(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[int]]:
+def budget_label(budget: Budget) -> str:
+    """``M=3`` or, with validation volumes, ``M=3 (2 val)``."""
+    m, val = budget
+    return f"M={m}" + (f" ({val} val)" if val else "")
+
+
+def _methods_and_budgets(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Budget]]:
     methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-    budgets = sorted({int(r["labeled"]) for r in rows})
+    budgets = sorted({(int(r["labeled"]), int(r.get("val", 0))) for r in rows})
     return methods, budgets
 
 
-CellStats = dict[tuple[str, int], tuple[float, float, int]]
-"""``{(method, labeled): (mean, std, n)}``."""
-
-
-def cell_stats(rows: Iterable[Mapping[str, Any]], metric: str = "dice") -> CellStats:
-    """``{(method, labeled): (mean, std, n)}`` of ``metric`` over folds × seeds.
-
-    NaN values are left out of the mean and of ``n``; ``std`` uses ddof=1 and is NaN when ``n < 2``.
-    """
-    groups: dict[tuple[str, int], list[float]] = {}
-    for r in latest_rows(rows):
-        groups.setdefault((str(r["method"]), int(r["labeled"])), []).append(float(r[metric]))
+def unit_values(rows: Iterable[Mapping[str, Any]], method: str, budget: Budget, at: float = 1.0,
+                metric: str = "dice") -> dict[tuple[int, int, str], float]:
+    """``{(fold, seed, case): value}`` of ``metric`` for one method and budget at point ``at``."""
     out = {}
-    for key, vals in groups.items():
-        a = np.asarray(vals, dtype=float)
-        a = a[~np.isnan(a)]
-        mean = float(a.mean()) if a.size else math.nan
-        std = float(a.std(ddof=1)) if a.size > 1 else math.nan
-        out[key] = (mean, std, int(a.size))
+    for r in rows:
+        if (str(r["method"]) == method and (int(r["labeled"]), int(r.get("val", 0))) == budget
+                and math.isclose(float(r.get("at", 1.0)), at)):
+            out[(int(r["fold"]), int(r["seed"]), str(r["case"]))] = float(r[metric])
     return out
 
 
-def summary_table(rows: Sequence[Mapping[str, Any]], metric: str = "dice", digits: int | None = None) -> str:
-    """Markdown table: one row per method, one column per label budget ``M=<n>``.
+CellStats = dict[tuple[str, Budget], tuple[float, float, int]]
+"""``{(method, budget): (mean, std, n_runs)}``."""
 
-    Cells read ``mean ± std (n)`` of ``metric`` over folds × seeds (std with ddof=1); ``mean (1)`` for a single
-    run, ``—`` where a method has no (non-NaN) result at that budget. ``digits`` defaults to 3 for Dice and
-    2 for HD95 (mm). Methods keep their order of first appearance; budgets are ascending.
+
+def cell_stats(rows: Iterable[Mapping[str, Any]], metric: str = "dice", at: float = 1.0) -> CellStats:
+    """``{(method, (M, val)): (mean, std, n)}`` of ``metric`` at point ``at``.
+
+    ``mean``: nanmean over every test case × fold × seed (the units of the paired statistics); ``std``: std
+    (ddof=1) of the per-run means (one run = fold × seed), NaN when fewer than 2 runs; ``n``: runs with a value.
+    """
+    rows = latest_rows(rows)
+    methods, budgets = _methods_and_budgets(rows)
+    out: CellStats = {}
+    for method in methods:
+        for b in budgets:
+            vals = unit_values(rows, method, b, at, metric)
+            if not vals:
+                continue
+            runs: dict[tuple[int, int], list[float]] = {}
+            for (fold, seed, _), v in vals.items():
+                runs.setdefault((fold, seed), []).append(v)
+            a = np.asarray(list(vals.values()), dtype=float)
+            run_means = np.asarray([np.nanmean(v) if np.any(~np.isnan(v)) else np.nan for v in runs.values()])
+            run_means = run_means[~np.isnan(run_means)]
+            mean = float(np.nanmean(a)) if np.any(~np.isnan(a)) else math.nan
+            std = float(run_means.std(ddof=1)) if run_means.size > 1 else math.nan
+            out[(method, b)] = (mean, std, int(run_means.size))
+    return out
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]], metric: str = "dice", digits: int | None = None,
+                  at: float = 1.0) -> str:
+    """Markdown table: one row per method, one column per budget (``M=<n>``, ``M=<n> (<v> val)``).
+
+    Cells read ``mean ± std (n)`` (:func:`cell_stats`: mean over test cases × folds × seeds, std over runs, n runs);
+    ``mean (1)`` for a single run, ``—`` where a method has no result. ``digits``: 3 for Dice, 2 for HD95 (mm).
     """
     digits = digits if digits is not None else (3 if metric == "dice" else 2)
-    stats = cell_stats(rows, metric)
+    rows = latest_rows(rows)
+    stats = cell_stats(rows, metric, at)
     methods, budgets = _methods_and_budgets(rows)
-    lines = ["| method | " + " | ".join(f"M={m}" for m in budgets) + " |",
+    lines = ["| method | " + " | ".join(budget_label(b) for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
     for method in methods:
         cells = []
-        for m in budgets:
-            mean, std, n = stats.get((method, m), (math.nan, math.nan, 0))
+        for b in budgets:
+            mean, std, n = stats.get((method, b), (math.nan, math.nan, 0))
             if n == 0:
                 cells.append("—")
             elif n == 1:
@@ -231,47 +292,225 @@ def summary_table(rows: Sequence[Mapping[str, Any]], metric: str = "dice", digit
     return "\n".join(lines) + "\n"
 
 
-_METRIC_LABEL = {"dice": "Dice", "hd95": "HD95 (mm)"}
+# ------------------------------------------------------------------------------------------ paired statistics
 
 
-def plot_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, metric: str = "dice",
-                 size_px: tuple[int, int] = (800, 520)) -> Path:
-    """PNG of ``metric`` vs labelled volumes: one line per method, error bars = std over folds × seeds.
+def baseline_of(method: str, methods: Iterable[str]) -> str | None:
+    """The scratch run a method is paired with: ``scratch@2d`` for a ``@2d`` method when present, else
+    ``scratch``; None for scratch itself or when no scratch was run."""
+    if method.split("+")[0].split("@")[0] == "scratch":
+        return None
+    methods = set(methods)
+    dim = method.partition("@")[2]
+    if dim and f"scratch@{dim}" in methods:
+        return f"scratch@{dim}"
+    return "scratch" if "scratch" in methods else None
 
-    The x axis is log2 with ticks at the budgets; methods are offset by a few hundredths of an octave so their
-    error bars do not hide each other. Uses the Agg canvas directly (no pyplot, no global backend switch) and
-    writes atomically. ``size_px`` is the image (width, height) in pixels.
+
+def paired_differences(rows: Iterable[Mapping[str, Any]], method: str, baseline: str, budget: Budget,
+                       at: float = 1.0, metric: str = "dice") -> np.ndarray:
+    """``metric(method) − metric(baseline)`` per (fold, seed, case) present for both (same labelled draw), sorted by
+    that key; units where either value is NaN are left out."""
+    a = unit_values(rows, method, budget, at, metric)
+    b = unit_values(rows, baseline, budget, at, metric)
+    d = [a[k] - b[k] for k in sorted(set(a) & set(b))]
+    d = np.asarray(d, dtype=float)
+    return d[~np.isnan(d)]
+
+
+def bootstrap_ci(d: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``mean(d)``: ``n_boot`` resamples of the units with replacement, drawn as
+    ``np.random.default_rng(seed).integers(0, n, (n_boot, n))``; (NaN, NaN) for fewer than 2 units."""
+    d = np.asarray(d, dtype=float)
+    if d.size < 2:
+        return math.nan, math.nan
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def gain_label(lo: float, hi: float) -> str:
+    """``gain`` when the CI lies above 0, ``loss`` when below, ``no clear difference`` when it holds 0, ``n/a``
+    when there is no CI."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "n/a"
+    if lo > 0:
+        return "gain"
+    if hi < 0:
+        return "loss"
+    return "no clear difference"
+
+
+def paired_stats(rows: Sequence[Mapping[str, Any]], at: float = 1.0, metric: str = "dice",
+                 n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> list[dict[str, Any]]:
+    """One record per (non-scratch method, budget) with a scratch baseline: ``method``, ``budget``,
+    ``baseline``, ``mean`` (the method's), ``diff`` (mean paired difference), ``lo``/``hi`` (bootstrap CI),
+    ``wins``/``losses`` (units with d > 0 / < 0), ``n`` (units), ``folds``, ``seeds``, ``verdict``."""
+    rows = latest_rows(rows)
+    methods, budgets = _methods_and_budgets(rows)
+    stats = cell_stats(rows, metric, at)
+    out = []
+    for method in methods:
+        base = baseline_of(method, methods)
+        if base is None:
+            continue
+        for b in budgets:
+            if (method, b) not in stats:
+                continue
+            d = paired_differences(rows, method, base, b, at, metric)
+            keys = set(unit_values(rows, method, b, at, metric)) & set(unit_values(rows, base, b, at, metric))
+            lo, hi = bootstrap_ci(d, n_boot, seed)
+            out.append({
+                "method": method, "budget": b, "baseline": base, "mean": stats[(method, b)][0],
+                "diff": float(d.mean()) if d.size else math.nan, "lo": lo, "hi": hi,
+                "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(d.size),
+                "folds": sorted({k[0] for k in keys}), "seeds": sorted({k[1] for k in keys}),
+                "verdict": gain_label(lo, hi),
+            })
+    return out
+
+
+def paired_table(records: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
+    """Markdown table of :func:`paired_stats` records."""
+    lines = ["| method | budget | mean Dice | Δ vs scratch | 95% CI | wins / losses | n (cases × folds × seeds) "
+             "| verdict |", "|---|---|---:|---:|---|---:|---:|---|"]
+    for r in records:
+        ci = "—" if math.isnan(r["lo"]) else f"[{r['lo']:+.{digits}f}, {r['hi']:+.{digits}f}]"
+        scope = " (one fold)" if len(r["folds"]) == 1 else ""
+        lines.append(f"| {r['method']} | {budget_label(r['budget'])} | {r['mean']:.{digits}f} | "
+                     f"{r['diff']:+.{digits}f} | {ci} | {r['wins']} / {r['losses']} | {r['n']}{scope} | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict_sentences(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One plain sentence per record: the difference, its CI and whether it is beyond noise."""
+    out = []
+    for r in records:
+        scope = f"fold {r['folds'][0]} only" if len(r["folds"]) == 1 else f"{len(r['folds'])} folds"
+        if r["verdict"] == "n/a":
+            out.append(f"{r['method']} at {budget_label(r['budget'])}: too few paired cases for a CI.")
+            continue
+        reading = {"gain": "a gain beyond noise (the CI excludes 0)",
+                   "loss": "worse than scratch beyond noise (the CI excludes 0)",
+                   "no clear difference": "within noise (the CI includes 0): not a gain"}[r["verdict"]]
+        out.append(f"{r['method']} at {budget_label(r['budget'])}: {r['diff']:+.3f} Dice vs {r['baseline']} "
+                   f"(95% CI {r['lo']:+.3f} to {r['hi']:+.3f}; {r['n']} paired test cases, {scope}, "
+                   f"{len(r['seeds'])} seed(s)) — {reading}.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ convergence
+
+
+def training_converged(steps: Sequence[float], dice: Sequence[float], total_steps: int, tol: float = CONVERGE_TOL,
+                       window: float = 0.2) -> bool:
+    """Is the training Dice flat at the end? The logged points of the last ``window`` of the steps
+    (``step > (1 - window) · total_steps``) get a least-squares line; converged when the rise of that line over
+    the window, ``|slope| · window · total_steps``, is at most ``tol`` Dice. False with fewer than 3 points."""
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(dice, dtype=float)
+    keep = (s > (1 - window) * total_steps) & ~np.isnan(v)
+    if keep.sum() < 3:
+        return False
+    slope = np.polyfit(s[keep], v[keep], 1)[0]
+    return bool(abs(slope) * window * total_steps <= tol)
+
+
+def convergence_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per method and budget: runs, how many converged, mean final training Dice and the learning rate."""
+    rows = [r for r in latest_rows(rows) if float(r.get("at", 1.0)) == 1.0]
+    methods, budgets = _methods_and_budgets(rows)
+    lines = ["| method | budget | runs | converged | final training Dice | lr |", "|---|---|---:|---:|---:|---:|"]
+    for method in methods:
+        for b in budgets:
+            runs = {}
+            for r in rows:
+                if str(r["method"]) == method and (int(r["labeled"]), int(r.get("val", 0))) == b:
+                    runs[(int(r["fold"]), int(r["seed"]))] = r
+            if not runs:
+                continue
+            conv = [float(r.get("converged", math.nan)) for r in runs.values()]
+            td = [float(r.get("train_dice", math.nan)) for r in runs.values()]
+            lrs = sorted({float(r.get("lr", math.nan)) for r in runs.values()})
+            td_text = f"{np.nanmean(td):.3f}" if np.any(~np.isnan(td)) else "—"
+            lines.append(f"| {method} | {budget_label(b)} | {len(runs)} | {int(np.nansum(conv))} | {td_text} | "
+                         + ", ".join(f"{x:.2g}" for x in lrs) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def progress_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
+    """Mean test Dice at every scored point of fine-tuning (columns ``10%``, ``30%``, ``100%`` …)."""
+    rows = latest_rows(rows)
+    points = sorted({float(r.get("at", 1.0)) for r in rows})
+    methods, budgets = _methods_and_budgets(rows)
+    stats = {p: cell_stats(rows, "dice", p) for p in points}
+    lines = ["| method | budget | " + " | ".join(f"{100 * p:.0f}% of steps" for p in points) + " |",
+             "|---|---|" + "---:|" * len(points)]
+    for method in methods:
+        for b in budgets:
+            if (method, b) not in stats[points[-1]]:
+                continue
+            cells = [f"{stats[p][(method, b)][0]:.{digits}f}" if (method, b) in stats[p] else "—" for p in points]
+            lines.append(f"| {method} | {budget_label(b)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------ plot
+
+
+def plot_results(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, size_px: tuple[int, int] = (1100, 480),
+                 n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> Path:
+    """PNG with two panels at the end of fine-tuning: (left) mean test Dice vs budget M, y axis from 0 to 1;
+    (right) the paired difference to scratch with bootstrap 95% CI bars and a line at 0 (= scratch).
+
+    The x axes are log2 with ticks at the budgets; methods are offset slightly so their bars do not hide each
+    other. Uses the Agg canvas directly (no pyplot) and writes atomically.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
 
-    stats = cell_stats(rows, metric)
+    rows = latest_rows(rows)
+    stats = cell_stats(rows)
     methods, budgets = _methods_and_budgets(rows)
+    records = paired_stats(rows, n_boot=n_boot, seed=seed)
+    ms = sorted({b[0] for b in budgets})
     dpi = 100
     fig = Figure(figsize=(size_px[0] / dpi, size_px[1] / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, ax_d = fig.subplots(1, 2)
     for i, method in enumerate(methods):
-        pts = [(m, *stats[(method, m)]) for m in budgets if stats.get((method, m), (0, 0, 0))[2] > 0]
-        if not pts:
-            continue
         shift = 2.0 ** (0.04 * (i - (len(methods) - 1) / 2))
-        x = [m * shift for m, *_ in pts]
-        y = [mean for _, mean, _, _ in pts]
-        err = [0.0 if math.isnan(std) else std for _, _, std, _ in pts]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-    ax.set_xscale("log", base=2)
-    if budgets:
-        ax.xaxis.set_major_locator(FixedLocator(budgets))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(m) for m in budgets])
-        ax.set_xlim(min(budgets) / 2**0.5, max(budgets) * 2**0.5)
-    label = _METRIC_LABEL.get(metric, metric)
-    ax.set_xlabel("labelled training volumes (M)")
-    ax.set_ylabel(f"{label}, test fold")
-    ax.set_title(f"{label} vs labelled volumes (mean ± std over folds × seeds)")
-    ax.grid(True, alpha=0.3)
+        pts = [(b[0], stats[(method, b)][0]) for b in budgets if (method, b) in stats]
+        if pts:
+            ax.plot([m * shift for m, _ in pts], [y for _, y in pts], marker="o", label=method)
+        recs = [r for r in records if r["method"] == method and not math.isnan(r["diff"])]
+        if recs:
+            x = [r["budget"][0] * shift for r in recs]
+            y = [r["diff"] for r in recs]
+            lo = [0.0 if math.isnan(r["lo"]) else r["diff"] - r["lo"] for r in recs]
+            hi = [0.0 if math.isnan(r["hi"]) else r["hi"] - r["diff"] for r in recs]
+            ax_d.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=method, color=f"C{i}")
+    ax_d.axhline(0.0, color="black", lw=1)
+    for a in (ax, ax_d):
+        a.set_xscale("log", base=2)
+        if ms:
+            a.xaxis.set_major_locator(FixedLocator(ms))
+            a.xaxis.set_minor_locator(NullLocator())
+            a.set_xticklabels([str(m) for m in ms])
+            a.set_xlim(min(ms) / 2**0.5, max(ms) * 2**0.5)
+        a.set_xlabel("labelled volumes M (training + validation)")
+        a.grid(True, alpha=0.3)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel("mean test Dice (axis from 0)")
+    ax.set_title("test Dice (mean over cases × folds × seeds)")
+    lo_lim, hi_lim = ax_d.get_ylim()
+    ax_d.set_ylim(min(lo_lim, -0.01), max(hi_lim, 0.01))
+    ax_d.set_ylabel("Δ Dice vs scratch (line at 0 = scratch)")
+    ax_d.set_title("paired difference to scratch, bootstrap 95% CI")
     if methods:
         ax.legend(title="method")
     fig.tight_layout()
@@ -287,8 +526,20 @@ def _pool_line(rows: Sequence[Mapping[str, Any]]) -> str:
     return "Pretraining pool: " + "; ".join(f"{p} = {text.get(p, p)}" for p in pools) + "."
 
 
-def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``out_dir/results.md`` (Dice and HD95 tables, cell count, pool, NaN rule) and ``results.png``.
+def _sweep_line(out: Path) -> str:
+    p = out / "lr_sweep.json"
+    if not p.is_file():
+        return "Scratch learning rate: the fine-tuning config's (no sweep recorded here)."
+    s = read_json(p)
+    tried = ", ".join(f"{float(lr):.2g} → {float(d):.3f}" for lr, d in zip(s["lrs"], s["dice"]))
+    return (f"Scratch learning rate {float(s['chosen']):.2g}, chosen by a sweep on development cases "
+            f"({s['where']}; never a test fold): mean Dice per learning rate {tried}.")
+
+
+def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, n_boot: int = BOOTSTRAP,
+                 seed: int = BOOTSTRAP_SEED) -> tuple[Path, Path]:
+    """Write ``out_dir/results.md`` (protocol, paired differences with CIs, Dice during fine-tuning,
+    convergence, Dice and HD95 tables, NaN rule) and ``results.png``.
 
     Returns:
         (markdown path, PNG path).
@@ -301,27 +552,57 @@ def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike) -> 
         raise InputError(results_csv, "no result rows to report")
     out = Path(out_dir)
     methods, budgets = _methods_and_budgets(rows)
-    filled = sum(n > 0 for _, _, n in cell_stats(rows, "dice").values())
     folds = sorted({int(r["fold"]) for r in rows})
     seeds = sorted({int(r["seed"]) for r in rows})
-    png = plot_results(rows, out / "results.png")
+    runs = {_cell(r) for r in rows}
+    vals = sorted({b[1] for b in budgets})
+    records = paired_stats(rows, n_boot=n_boot, seed=seed)
+    png = plot_results(rows, out / "results.png", n_boot=n_boot, seed=seed)
+    scope = (f"**One fold only (fold {folds[0]})**: not a cross-validated result." if len(folds) == 1
+             else f"Folds {folds}.")
+    budget_text = ("Label budget M = every labelled volume a run saw. No validation labels: fixed schedule, the "
+                   "last weights are scored." if vals == [0] else
+                   "Label budget M = every labelled volume a run saw, validation volumes for checkpoint choice "
+                   "included: `M=3 (2 val)` = 1 training + 2 validation volumes.")
     text = "\n".join([
         "# volcontrast benchmark",
         "",
-        f"{filled} of {len(methods) * len(budgets)} cells (method × label budget) filled from {len(rows)} runs; "
-        f"folds {folds}, seeds {seeds}. Cells: mean ± std over folds × seeds (std ddof=1), (n) = runs.",
+        f"{len(runs)} fine-tuning runs; {len(methods)} method(s) × {len(budgets)} budget(s); {scope} "
+        f"Seeds {seeds}.",
+        "",
+        budget_text,
         "",
         _pool_line(rows),
         "",
-        "## Dice (test fold)",
+        _sweep_line(out),
+        "",
+        "## Paired difference to scratch (end of fine-tuning)",
+        "",
+        f"Δ = Dice(method) − Dice(scratch) per test case of the same fold, seed and labelled draw; 95% CI: "
+        f"percentile bootstrap of the mean over test cases × folds × seeds ({n_boot} resamples, seed {seed}); "
+        "wins / losses: paired cases with Δ > 0 / Δ < 0. A **gain** only when the CI excludes 0.",
+        "",
+        paired_table(records) if records else "(no scratch baseline in these results)\n",
+        *[f"- {s}" for s in verdict_sentences(records)],
+        "",
+        "## Test Dice during fine-tuning (mean over test cases × folds × seeds)",
+        "",
+        progress_table(rows),
+        "## Convergence (training Dice)",
+        "",
+        f"Converged = the training Dice is flat over the last 20% of the steps: a least-squares line through the "
+        f"logged training Dice there rises or falls by at most {CONVERGE_TOL} Dice.",
+        "",
+        convergence_table(rows),
+        "## Dice (test fold, end): mean over cases × folds × seeds ± std over runs (runs)",
         "",
         summary_table(rows, "dice"),
-        "## HD95 (mm, test fold)",
+        "## HD95 (mm, test fold, end)",
         "",
         summary_table(rows, "hd95"),
         NAN_RULE,
         "",
-        f"![Dice vs labelled volumes]({png.name})",
+        f"![Dice and paired difference vs labelled volumes]({png.name})",
         "",
     ])
     md = atomic_write_text(out / "results.md", text)

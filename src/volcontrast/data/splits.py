@@ -11,6 +11,10 @@ and the first ones are taken. That makes each draw
 Fold k's test set is the k-th of ``folds`` near-equal parts (sizes differ by at most one). The test fold is
 never used for pretraining labels, checkpoint selection or tuning: the validation cases are carved from the
 remaining (training) cases of the same fold.
+
+**Every label counts.** A run's label budget M is every labelled volume it sees: its training volumes *and*
+the validation volumes it uses to choose a checkpoint (:func:`labelled_draw`). By default a run takes no
+validation volumes (fixed schedule, last checkpoint), so M is its number of training volumes.
 """
 
 from __future__ import annotations
@@ -144,6 +148,45 @@ def label_budget(split: Split, budget: int, seed: int) -> list[str]:
         raise InputError("--labeled", f"label budget {budget} exceeds the {len(split.train)} training cases "
                                       f"of fold {split.fold}")
     return sorted(label_budget_order(split, seed)[:budget])
+
+
+def validation_draw(split: Split, n: int, seed: int) -> list[str]:
+    """``n`` of the fold's validation cases (for checkpoint choice), sorted; a nested draw fixed by (seed, fold).
+
+    Raises:
+        InputError: ``n < 0`` or ``n`` > the fold's validation cases.
+    """
+    if int(n) != n or n < 0:
+        raise InputError("--val", f"validation volumes must be a non-negative integer, got {n}")
+    if n > len(split.val):
+        raise InputError("--val", f"{n} validation volumes exceed the {len(split.val)} validation cases "
+                                  f"of fold {split.fold}")
+    return sorted(hash_order(split.val, "valdraw", seed, split.fold)[:n])
+
+
+@dataclass(frozen=True)
+class LabelledDraw:
+    """The labelled volumes one run may read: ``train`` for training, ``val`` for checkpoint choice.
+
+    ``budget`` (M) counts both: every labelled volume the run sees."""
+
+    train: list[str]
+    val: list[str]
+
+    @property
+    def budget(self) -> int:
+        return len(self.train) + len(self.val)
+
+    @property
+    def ids(self) -> list[str]:
+        return sorted([*self.train, *self.val])
+
+
+def labelled_draw(split: Split, train: int, val: int, seed: int) -> LabelledDraw:
+    """``train`` training volumes (:func:`label_budget`; 0 = every training case) and ``val`` validation volumes
+    (:func:`validation_draw`) for (split, seed); the run's budget M is ``train + val``."""
+    ids = label_budget(split, train, seed) if train else list(split.train)
+    return LabelledDraw(train=ids, val=validation_draw(split, val, seed))
 
 
 def pretraining_pool(split: Split, all_ids: Iterable[str], transductive: bool = False) -> list[str]:

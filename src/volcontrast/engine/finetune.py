@@ -1,17 +1,26 @@
 """``volcontrast finetune``: few-label supervised training (METHODS.md section 5) through the shared engine.
 
 The labelled cases of the cache are split into folds (:mod:`volcontrast.data.splits`); fold ``fold`` is the
-test fold and is never touched here. A validation split is carved from the training fold and used only to
-choose the checkpoint (``RUN/best/``); ``labeled`` training volumes are drawn with the protocol's seed (the
-same draw for every method). The encoder comes from a pretraining run (decoder fresh, or ``load="all"``) or
-from scratch. Loss: Dice + CE (MONAI). The run records its split and labelled ids in ``RUN/split.json``.
+test fold and is never touched here. ``labeled`` training volumes are drawn with the protocol's seed (the same
+draw for every method). **Every label counts**: by default no label is read for checkpoint choice (fixed
+schedule, the last weights are the model); ``val = N`` draws N labelled volumes from the fold's validation cases
+to choose ``RUN/best/``, and they are part of the run's label budget ``M = labeled + val`` (``RUN/split.json``
+records ``labeled``, ``validation`` and ``label_budget``). The encoder comes from a pretraining run (decoder
+fresh, or ``load="all"``) or from scratch. Loss: Dice + CE (MONAI).
+
+The recipe (like nnssl's pretrained trainer): a linear warm-up of the whole network over ``warmup_fraction`` of
+the steps, then poly decay ``(1 - t)^0.9`` (``lr_schedule``; or cosine); a pretrained encoder runs at
+``encoder_lr_scale`` x the learning rate, and a network trained from scratch gets its own learning rate
+``scratch_lr`` (tuned by ``volcontrast benchmark --lr-sweep``). The training Dice of every batch is logged
+(``train_dice`` in ``log.csv``) so convergence can be checked, and ``snapshots`` saves the weights at chosen
+steps (``RUN/snapshots/step<N>/``) to score the model part-way through fine-tuning.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +31,11 @@ from torch import Tensor, nn
 from volcontrast import __version__, dist
 from volcontrast.config import resolve, save_yaml, to_dict
 from volcontrast.data.cache import Cache
-from volcontrast.data.splits import Split, kfold_splits, label_budget
+from volcontrast.data.splits import LabelledDraw, Split, kfold_splits, labelled_draw
 from volcontrast.engine.config import ModelConfig, OptimConfig
 from volcontrast.engine.inference import sliding_window_probabilities
 from volcontrast.engine.run import RunDir, load_model_json, load_weights, save_checkpoint
-from volcontrast.engine.trainer import FitResult, fit, loop_settings
+from volcontrast.engine.trainer import FitResult, LoopSettings, fit, loop_settings
 from volcontrast.errors import InputError
 from volcontrast.losses.pdcr import PDCRLoss
 from volcontrast.nets import backbone_from_config, build_backbone, load_encoder_state
@@ -55,10 +64,16 @@ class FinetuneConfig:
     fold: int = 0
     folds: int = 3
     labeled: int = 0  # labelled training volumes (0 = every training case of the fold)
-    val_fraction: float = 0.2
+    val: int = 0  # labelled validation volumes for checkpoint choice (0 = none: last weights); part of the budget
+    val_fraction: float = 0.2  # share of the fold's non-test cases set aside as validation candidates
     init: str = "scratch"  # "scratch" or a pretraining run folder
     load: str = "encoder"  # encoder | all (encoder + decoder from the pretraining run)
-    encoder_lr_scale: float = 1.0  # learning-rate factor for a *pretrained* encoder (scratch: always 1)
+    encoder_lr_scale: float = 0.5  # learning-rate factor for a *pretrained* encoder (scratch: always 1)
+    scratch_lr: float = 0.0  # learning rate when init = scratch (0 = optim.lr)
+    lr_schedule: str = "poly"  # after the warm-up: poly ((1 - t)^poly_power, nnU-Net) | cosine
+    poly_power: float = 0.9
+    warmup_fraction: float = 0.1  # linear warm-up of the whole network over this share of the steps (0: optim's)
+    snapshots: list[int] = field(default_factory=list)  # also save the weights after these steps
     freeze_encoder_steps: int = 0  # keep a *pretrained* encoder fixed for the first N steps (decoder warm-up)
     dim: int = 3
     data: FinetuneData = field(default_factory=FinetuneData)
@@ -94,6 +109,12 @@ class FinetuneConfig:
             raise InputError("data.crop_size", f"needs {self.dim} values for {self.dim}D")
         if self.load not in ("encoder", "all"):
             raise InputError("--load", "must be encoder or all")
+        if self.lr_schedule not in ("poly", "cosine"):
+            raise InputError("lr_schedule", f"must be poly or cosine, got {self.lr_schedule!r}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise InputError("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        if self.val < 0:
+            raise InputError("--val", f"validation volumes must be >= 0, got {self.val}")
         if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
             self.augment.flip_axes = (0, 1)
         return self
@@ -107,7 +128,7 @@ FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
                "val_every": 500, "log_every": 50, "checkpoint_every": 500},
     "pcl-paper": {"dim": 2, "steps": 2000, "data": {"crop_size": [256, 256], "batch_size": 10},
                   "optim": {"name": "adamw", "lr": 5e-5, "min_lr": 5e-6, "weight_decay": 1e-5}, "dice_weight": 0.0,
-                  "val_every": 200},
+                  "lr_schedule": "cosine", "warmup_fraction": 0.0, "encoder_lr_scale": 1.0, "val_every": 200},
 }
 
 
@@ -124,6 +145,24 @@ def pdcr_grid_spacing(net: Backbone, stages: list[int], crop: tuple[int, ...], r
         return requested
     lattice = math.lcm(*(int(s) for st in stages for s in net.encoder_strides[st]))
     return max(lattice, (min(crop) // 4) // lattice * lattice)
+
+
+@torch.no_grad()
+def batch_dice(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Hard Dice of ``argmax(logits)`` against ``labels`` on a training batch: per foreground class over the whole
+    batch, averaged over the classes present in prediction or truth (0 when none is); stays on the device."""
+    pred = logits.argmax(1)
+    labels = labels.to(pred.device).long()
+    dices, present = [], []
+    for c in range(1, num_classes):
+        p, t = pred == c, labels == c
+        denom = (p.sum() + t.sum()).float()
+        dices.append(2.0 * (p & t).sum().float() / denom.clamp(min=1.0))
+        present.append(denom > 0)
+    if not dices:
+        return torch.zeros((), device=pred.device)
+    d, m = torch.stack(dices), torch.stack(present).float()
+    return (d * m).sum() / m.sum().clamp(min=1.0)
 
 
 class SegmentationModel(nn.Module):
@@ -150,10 +189,11 @@ class SegmentationModel(nn.Module):
                        for w, o in zip(weights, out)) / sum(weights)
         else:
             loss = self.loss(out.float(), target)
-        logs: dict[str, Tensor] = {}
+        logs: dict[str, Tensor] = {"train_dice": batch_dice(out[0] if isinstance(out, list) else out,
+                                                            batch["labels"], self.num_classes)}
         if self.pdcr is not None:
             reg = self.pdcr(self.pdcr.select(skips), batch["labels"].long(), generator=batch.get("pdcr_generator"))
-            logs = {"seg_loss": loss.detach(), "pdcr_loss": reg.loss.detach()}
+            logs.update({"seg_loss": loss.detach(), "pdcr_loss": reg.loss.detach()})
             loss = loss + reg.loss
         return loss, logs
 
@@ -190,10 +230,12 @@ class SegmentationTask:
                 "pdcr_generator": gen}
 
     def after_step(self, step: int) -> None:
-        pass
+        if step + 1 in self.config.snapshots and dist.rank() == 0:
+            save_checkpoint(self.run.root / "snapshots" / f"step{step + 1}", self.module.net,
+                            {**self._model_json, "step": step + 1}, None)
 
     def log_columns(self) -> list[str]:
-        return ["val_dice"] + (["seg_loss", "pdcr_loss"] if self.config.pdcr else [])
+        return ["train_dice", "val_dice"] + (["seg_loss", "pdcr_loss"] if self.config.pdcr else [])
 
     def model_json(self) -> dict[str, Any]:
         best = {"best_step": self.best[1], "best_val_dice": self.best[0]} if self.best else {}
@@ -227,8 +269,8 @@ class SegmentationTask:
         return {"val_dice": dice}
 
 
-def resolve_split(cache: Cache, config: FinetuneConfig) -> tuple[Split, list[str]]:
-    """The fold's split of the labelled cases and the labelled training ids for the budget."""
+def resolve_split(cache: Cache, config: FinetuneConfig) -> tuple[Split, LabelledDraw]:
+    """The fold's split of the labelled cases and the run's labelled draw (training + validation volumes)."""
     labelled = cache.labelled_ids
     if len(labelled) < config.folds:
         raise InputError(cache.root, f"only {len(labelled)} labelled cases; need at least --folds {config.folds}")
@@ -236,8 +278,7 @@ def resolve_split(cache: Cache, config: FinetuneConfig) -> tuple[Split, list[str
     if not 0 <= config.fold < len(splits):
         raise InputError("--fold", f"must be in 0..{len(splits) - 1}")
     split = splits[config.fold]
-    train = label_budget(split, config.labeled, config.seed) if config.labeled else list(split.train)
-    return split, train
+    return split, labelled_draw(split, config.labeled, config.val, config.seed)
 
 
 def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[Backbone, str]:
@@ -250,6 +291,12 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
         if config.uafs:
             add_uafs(net)
         return net, "scratch"
+    from volcontrast.engine.interop import build_from_external, external_init_kind
+
+    if external_init_kind(config.init):  # an nnU-Net v2 / nnssl checkpoint file or a MONAI bundle folder
+        return build_from_external(config.init, config.model, dim=config.dim, in_channels=cache.channels,
+                                   num_classes=num_classes, deep_supervision=config.deep_supervision,
+                                   load=config.load, uafs=config.uafs)
     run = Path(config.init)
     meta = load_model_json(run)
     if meta.get("kind") != "pretrain":
@@ -274,6 +321,17 @@ def build_segmentation_backbone(cache: Cache, config: FinetuneConfig) -> tuple[B
     return net, f"{meta.get('method')} run {run} ({parts})"
 
 
+def finetune_loop_settings(config: FinetuneConfig, *, progress: bool = False,
+                           description: str = "finetune") -> LoopSettings:
+    """The loop settings of the recipe: the optimiser section, with scratch's own learning rate, the warm-up as a
+    share of the steps and the decay schedule (the encoder's factor is a parameter group, see
+    :meth:`SegmentationTask.parameter_groups`)."""
+    s = loop_settings(config, progress=progress, description=description)
+    lr = config.scratch_lr if config.init == "scratch" and config.scratch_lr > 0 else s.lr
+    warmup = round(config.warmup_fraction * config.steps) if config.warmup_fraction > 0 else s.warmup_steps
+    return replace(s, lr=lr, warmup_steps=warmup, schedule=config.lr_schedule, poly_power=config.poly_power)
+
+
 def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: FinetuneConfig | None = None, *,
              resume: bool = False, steps: int | None = None, progress: bool = True) -> FitResult:
     """Fine-tune a segmentation network on few labelled volumes; writes the run folder ``out``."""
@@ -281,7 +339,8 @@ def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: F
     run = RunDir(out)
     config = run.open_config(FinetuneConfig, config, resume, steps)
     dist.init_distributed_from_env()
-    split, train_ids = resolve_split(cache, config)
+    split, draw = resolve_split(cache, config)
+    train_ids = draw.train
     net, init_note = build_segmentation_backbone(cache, config)
     crop = tuple(config.data.crop_size)
     try:
@@ -316,17 +375,19 @@ def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: F
         "preprocessing": cache.manifest.get("resolved"),
         "channel_names": cache.manifest.get("dataset", {}).get("channel_names"),
         "label_names": label_names, "init": config.init, "init_note": init_note,
-        "fold": config.fold, "labeled_cases": train_ids, "cache": str(Path(cache.root).resolve()),
+        "fold": config.fold, "labeled_cases": train_ids, "validation_cases": draw.val,
+        "label_budget": draw.budget, "cache": str(Path(cache.root).resolve()),
         "config": to_dict(config), "volcontrast_version": __version__,
     }
     if dist.rank() == 0:
         run.root.mkdir(parents=True, exist_ok=True)
         save_yaml(run.root / "config.yaml", config)
-        atomic_write_json(run.root / "split.json", {**split.to_dict(), "labeled": train_ids})
-    task = SegmentationTask(model, config, cache, list(split.val), run, model_json)
+        atomic_write_json(run.root / "split.json", {**split.to_dict(), "labeled": train_ids, "validation": draw.val,
+                                                    "label_budget": draw.budget})
+    task = SegmentationTask(model, config, cache, draw.val, run, model_json)
     if resume and (run.root / "best" / "model.json").is_file():
         best = load_model_json(run.root / "best")
         task.best = (float(best["val_dice"]), int(best["step"]))
-    settings = loop_settings(config, progress=progress,
-                             description=f"finetune ({init_note.split(' ')[0]}, {len(train_ids)} labelled)")
+    settings = finetune_loop_settings(config, progress=progress,
+                                      description=f"finetune ({init_note.split(' ')[0]}, M={draw.budget})")
     return fit(task, sampler, run, settings, resume=resume)
