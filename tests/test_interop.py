@@ -1,0 +1,289 @@
+"""Export to nnU-Net v2 / MONAI and import of their checkpoints (``volcontrast export``, ``finetune --init``)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from volcontrast.cli import main
+from volcontrast.engine.export import export_monai, export_nnunet, load_run_backbone
+from volcontrast.engine.interop import build_from_external
+from volcontrast.engine.run import save_checkpoint
+from volcontrast.errors import InputError
+from volcontrast.io import save_volume
+from volcontrast.nets import backbone_from_nnunet_plans, build_backbone
+from volcontrast.nets.unet import to_nnunet_state_dict
+
+from helpers import phantom
+
+ARCH_KWARGS = {
+    "n_stages": 4, "features_per_stage": [8, 16, 32, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+    "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+    "n_conv_per_stage": [2, 2, 2, 2], "n_conv_per_stage_decoder": [2, 2, 2], "conv_bias": True,
+    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d", "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+    "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+}
+REQUIRES_IMPORT = ["conv_op", "norm_op", "dropout_op", "nonlin"]
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+def _plans(features=None) -> dict:
+    kwargs = copy.deepcopy(ARCH_KWARGS)
+    if features:
+        kwargs["features_per_stage"] = features
+    arch = {"network_class_name": PLAIN, "arch_kwargs": kwargs, "_kw_requires_import": REQUIRES_IMPORT}
+    return {"plans_name": "nnUNetPlans", "configurations": {
+        "3d_fullres": {"data_identifier": "x", "patch_size": [16, 32, 32], "architecture": arch}}}
+
+
+def _cli(args) -> int:
+    """Run the command line; its exit code (0 on success)."""
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    return int(info.value.code or 0)
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _pretrain_run(folder: Path, net: nn.Module) -> Path:
+    """A pretraining run folder as `volcontrast pretrain` writes it (backbone under ``backbone.``)."""
+    wrapper = nn.Module()
+    wrapper.backbone = net
+    wrapper.head = nn.Linear(4, 4)  # method heads are saved too and must be ignored
+    save_checkpoint(folder, wrapper, {"kind": "pretrain", "method": "pcl", "dim": net.dim,
+                                      "architecture": net.arch_config(), "backbone_prefix": "backbone."}, None)
+    return folder
+
+
+CT = {"settings": {}, "spacing": [2.0, 2.0, 3.0], "modality": "ct",
+      "ct_stats": {"clip_low": -1000.0, "clip_high": 250.0, "mean": 50.0, "std": 300.0}}
+
+
+def _segmentation_run(folder: Path, net: nn.Module, patch) -> Path:
+    save_checkpoint(folder, net, {"kind": "segmentation", "dim": net.dim, "architecture": net.arch_config(),
+                                  "patch_size": list(patch), "preprocessing": CT,
+                                  "label_names": {"0": "background", "1": "organ1", "2": "organ2"}}, None)
+    return folder
+
+
+@pytest.fixture
+def plans_run(tmp_path):
+    plans = _write(tmp_path / "nnUNetPlans.json", _plans())
+    torch.manual_seed(0)
+    net = backbone_from_nnunet_plans(plans, in_channels=1, num_classes=2)
+    return plans, _pretrain_run(tmp_path / "run", net), net
+
+
+# ------------------------------------------------------------------------------------------------ nnU-Net
+
+
+def test_nnunet_export_loads_with_nnunets_own_code(plans_run, tmp_path):
+    nnunetv2 = pytest.importorskip("nnunetv2")
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    plans, run, net = plans_run
+    out = tmp_path / "pretrained.pth"
+    assert _cli(["export", run, "--to", "nnunet", "--plans", plans, "--out", out]) == 0
+    saved = torch.load(out, weights_only=True)
+    assert list(saved) == ["network_weights"]
+    weights = saved["network_weights"]
+    assert all(v.device.type == "cpu" for v in weights.values())
+    arch = _plans()["configurations"]["3d_fullres"]["architecture"]
+    upstream = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                      1, 5, deep_supervision=True)  # the target dataset's 5 classes
+    load_pretrained_weights(upstream, str(out))
+    state = upstream.state_dict()
+    non_seg = [k for k in state if ".seg_layers." not in k]
+    assert sorted(weights) == sorted(non_seg)  # every non-seg key, the aliased decoder.encoder.* ones included
+    assert any(k.startswith("decoder.encoder.") for k in weights) and any(".all_modules." in k for k in weights)
+    ours = to_nnunet_state_dict(net)
+    for key in non_seg:
+        assert torch.equal(state[key], ours[key]), key
+    assert nnunetv2 is not None
+
+
+def test_nnunet_export_mismatch_names_first_key_and_both_shapes(plans_run, tmp_path, capsys):
+    _, run, _ = plans_run
+    bad = _write(tmp_path / "other.json", _plans(features=[8, 16, 32, 64]))
+    with pytest.raises(InputError) as info:
+        export_nnunet(run, bad, tmp_path / "x.pth")
+    assert info.value.where == str(bad)
+    assert info.value.problem == (
+        f"configuration '3d_fullres' does not match run {run}: first mismatching key "
+        "encoder.stages.3.0.convs.0.conv.weight: run (32, 32, 3, 3, 3), plans (64, 32, 3, 3, 3)")
+    assert not (tmp_path / "x.pth").exists()
+    assert _cli(["export", run, "--to", "nnunet", "--plans", bad, "--out", tmp_path / "x.pth"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {bad}: {info.value.problem}"]
+
+
+def test_nnunet_export_needs_plans_and_a_cnn(tmp_path, capsys):
+    torch.manual_seed(0)
+    swin = build_backbone("swin_unetr", dim=2, preset="tiny", num_classes=2)
+    run = _pretrain_run(tmp_path / "swin", swin)
+    plans = _write(tmp_path / "p.json", _plans())
+    with pytest.raises(InputError, match="nnU-Net builds plain_unet/resenc_unet networks; .* is a swin_unetr"):
+        export_nnunet(run, plans, tmp_path / "x.pth")
+    assert _cli(["export", run, "--to", "nnunet", "--out", tmp_path / "x.pth"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --plans: --to nnunet needs the nnU-Net plans file (--plans)"
+
+
+# -------------------------------------------------------------------------------------------------- MONAI
+
+
+@pytest.mark.parametrize(("name", "dim", "preset", "patch"), [
+    ("plain_unet", 3, "tiny", (16, 16, 16)), ("swin_unetr", 2, "tiny", (64, 64))])
+def test_monai_bundle_round_trip_same_logits(tmp_path, name, dim, preset, patch):
+    from monai.bundle import ConfigParser
+
+    torch.manual_seed(0)
+    net = build_backbone(name, dim=dim, preset=preset, in_channels=1, num_classes=3).eval()
+    run = _segmentation_run(tmp_path / "run", net, patch)
+    bundle = export_monai(run, tmp_path / "bundle")
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser.read_meta(bundle / "configs" / "metadata.json")
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('cpu')"
+    network = parser.get_parsed_content("network")
+    assert type(network).__name__ == ("PlainConvUNet" if name == "plain_unet" else "SwinUNETR")
+    parser.get_parsed_content("load_weights")
+    x = torch.randn(2, 1, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), net(x), atol=1e-5, rtol=0)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "background", "1": "organ1", "2": "organ2"}
+
+
+def test_monai_bundle_runs_on_a_scan_with_monai_bundle_run(tmp_path):
+    import monai.bundle
+    import nibabel as nib
+
+    torch.manual_seed(0)
+    net = build_backbone("plain_unet", dim=3, preset="tiny", in_channels=1, num_classes=3).eval()
+    run = _segmentation_run(tmp_path / "run", net, (16, 16, 16))
+    assert _cli(["export", run, "--to", "monai", "--out", tmp_path / "bundle"]) == 0
+    image, _, affine = phantom(shape=(20, 18, 16), spacing=(2.0, 2.0, 3.0))
+    (tmp_path / "scans").mkdir()
+    save_volume(tmp_path / "scans" / "case0.nii.gz", image, affine)
+    bundle = tmp_path / "bundle"
+    monai.bundle.run(run_id="run", init_id="initialize", meta_file=str(bundle / "configs" / "metadata.json"),
+                     config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+                     dataset_dir=str(tmp_path / "scans"), output_dir=str(tmp_path / "out"))
+    seg = nib.load(str(tmp_path / "out" / "case0_seg.nii.gz"))
+    assert seg.shape == image.shape  # the scan's own grid (same spacing: nothing resampled)
+    np.testing.assert_allclose(seg.affine, affine)
+    assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------------ imports
+
+
+def _encoder(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}
+
+
+def _nnunet_checkpoint(path: Path, net: nn.Module, plans: dict) -> Path:
+    """What nnU-Net v2 writes as checkpoint_final.pth (its training log holds numpy floats)."""
+    torch.save({"network_weights": to_nnunet_state_dict(net), "optimizer_state": {},
+                "grad_scaler_state": None, "logging": {"mean_fg_dice": [np.float64(0.5)],
+                                                        "ema_fg_dice": [np.float64(0.4)]},
+                "_best_ema": np.float64(0.4), "current_epoch": 1,
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0,
+                              "dataset_json": {"channel_names": {"0": "CT"}}, "device": torch.device("cpu")},
+                "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2)}, path)
+    return path
+
+
+def test_finetune_init_from_nnunet_checkpoint_and_exported_file(plans_run, tmp_path):
+    from volcontrast.engine.finetune import FinetuneConfig, build_segmentation_backbone
+
+    plans, run, net = plans_run
+    ckpt = _nnunet_checkpoint(tmp_path / "checkpoint_final.pth", net, _plans())
+    cache = SimpleNamespace(num_classes=4, channels=1)
+    torch.manual_seed(1)
+    got, note = build_segmentation_backbone(cache, FinetuneConfig(init=str(ckpt)))
+    assert got.num_classes == 4 and got.encoder_channels == [8, 16, 32, 32]
+    assert note.startswith(f"nnU-Net v2 checkpoint {ckpt} (")
+    for key, value in _encoder(net).items():
+        assert torch.equal(got.state_dict()[key], value), key
+    assert not torch.equal(got.decoder.stages[0].convs[0].conv.weight, net.decoder.stages[0].convs[0].conv.weight)
+    got_all, _ = build_segmentation_backbone(cache, FinetuneConfig(init=str(ckpt), load="all"))
+    for key, value in net.decoder.state_dict().items():
+        assert torch.equal(got_all.decoder.state_dict()[key], value), key
+
+    # export -> finetune --init FILE.pth: the architecture comes from the config's model.plans
+    exported = export_nnunet(run, plans, tmp_path / "exported.pth")
+    config = FinetuneConfig(init=str(exported))
+    config.model.plans = str(plans)
+    got2, note2 = build_segmentation_backbone(cache, config)
+    assert "architecture from the config's model" in note2
+    for key, value in _encoder(net).items():
+        assert torch.equal(got2.state_dict()[key], value), key
+    config.model.plans = ""  # the default tiny U-Net does not fit: the loader lists the offending keys
+    with pytest.raises(InputError, match="encoder weights do not match this architecture") as info:
+        build_segmentation_backbone(cache, config)
+    assert info.value.where == str(exported)
+
+
+def test_finetune_init_from_nnssl_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = backbone_from_nnunet_plans(_write(tmp_path / "p.json", _plans()), in_channels=1, num_classes=2)
+    arch = {"arch_class_name": "PlainConvUNet", "arch_kwargs": copy.deepcopy(ARCH_KWARGS),
+            "arch_kwargs_requiring_import": REQUIRES_IMPORT}
+    path = tmp_path / "nnssl.pth"
+    torch.save({"network_weights": to_nnunet_state_dict(net), "nnssl_adaptation_plan": {
+        "architecture_plans": arch, "pretrain_num_input_channels": 1, "key_to_encoder": "encoder.stages",
+        "key_to_stem": "encoder.stem"}}, path)
+    got, note = build_from_external(path, None, dim=3, in_channels=1, num_classes=3, deep_supervision=False)
+    assert note.startswith("nnssl checkpoint")
+    for key, value in _encoder(net).items():
+        assert torch.equal(got.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(("name", "dim"), [("plain_unet", 3), ("swin_unetr", 2)])
+def test_finetune_init_from_monai_bundle(tmp_path, name, dim):
+    from volcontrast.engine.finetune import FinetuneConfig, build_segmentation_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone(name, dim=dim, preset="tiny", in_channels=1, num_classes=3)
+    bundle = export_monai(_segmentation_run(tmp_path / "run", net, (64,) * dim), tmp_path / "bundle")
+    config = FinetuneConfig(init=str(bundle), dim=dim, load="all")
+    got, note = build_segmentation_backbone(SimpleNamespace(num_classes=2, channels=1), config.validate())
+    assert note.startswith(f"MONAI bundle {bundle} (") and got.name == name and got.num_classes == 2
+    for key, value in {**_encoder(net), **{k: v for k, v in net.state_dict().items()
+                                           if k.startswith("decoder.")}}.items():
+        assert torch.equal(got.state_dict()[key], value), key
+
+
+def test_bundle_expressions_are_not_evaluated(tmp_path):
+    torch.manual_seed(0)
+    net = build_backbone("plain_unet", dim=3, preset="tiny", in_channels=1, num_classes=3)
+    bundle = export_monai(_segmentation_run(tmp_path / "run", net, (16, 16, 16)), tmp_path / "bundle")
+    config_path = bundle / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config["network_def"]["nonlin"] = "$__import__('os').system('true')"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(InputError, match="network_def.nonlin is an expression") as info:
+        build_from_external(bundle, None, dim=3, in_channels=1, num_classes=2, deep_supervision=False)
+    assert info.value.where == str(config_path)
+
+
+def test_load_run_backbone_of_a_pretraining_run(plans_run):
+    _, run, net = plans_run
+    got, meta = load_run_backbone(run)
+    assert meta["kind"] == "pretrain"
+    for key, value in net.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
