@@ -1,4 +1,4 @@
-"""results.csv round trip, summary tables against numpy, resumable cells, the PNG plot and the report."""
+"""results.csv (per case) round trip, summary tables against numpy, resumable cells, the PNG plot and the report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from volcontrast.bench.report import (
+    STANDARD_COLUMNS,
     append_result,
+    append_results,
     finished_cells,
     plot_results,
     read_results,
@@ -22,25 +24,34 @@ from volcontrast.errors import InputError
 CELL = re.compile(r"^(?P<mean>-?[\d.]+)(?: ± (?P<std>[\d.]+))? \((?P<n>\d+)\)$")
 
 
-def _write_grid(path, rng, seeds=(0,)):
+CASES = ("c1", "c2", "c3")
+
+
+def _write_grid(path, rng, seeds=(0,), at=(1.0,)):
     rows = []
     for method in ("scratch", "pcl"):
         for labeled in (1, 4):
             for fold in (0, 1):
                 for seed in seeds:
-                    row = {"method": method, "labeled": labeled, "fold": fold, "seed": seed,
-                           "dice": float(rng.uniform(0.3, 0.9)), "hd95": float(rng.uniform(2, 30)), "n_test": 3,
-                           "pretrain_run": "" if method == "scratch" else f"runs/pcl-f{fold}",
-                           "finetune_run": f"runs/{method}-{labeled}-{fold}-{seed}", "seconds": 1.5,
-                           "pool": "fold", "dice_liver": float(rng.uniform(0.3, 0.9))}
-                    append_result(path, row)
-                    rows.append(row)
+                    cell = []
+                    for a in at:
+                        for case in CASES:
+                            cell.append({
+                                "method": method, "labeled": labeled, "val": 0, "fold": fold, "seed": seed, "at": a,
+                                "step": int(100 * a), "case": f"{case}f{fold}", "dice": float(rng.uniform(0.3, 0.9)),
+                                "hd95": float(rng.uniform(2, 30)), "n_test": len(CASES), "checkpoint": "last",
+                                "lr": 3e-3, "train_dice": 0.8, "converged": 1.0,
+                                "pretrain_run": "" if method == "scratch" else f"runs/pcl-f{fold}",
+                                "finetune_run": f"runs/{method}-{labeled}-{fold}-{seed}", "seconds": 1.5,
+                                "pool": "fold", "dice_liver": float(rng.uniform(0.3, 0.9))})
+                    append_results(path, cell)
+                    rows.extend(cell)
     return rows
 
 
-def _parse_table(md: str) -> dict[tuple[str, int], str]:
+def _parse_table(md: str) -> dict[tuple[str, str], str]:
     lines = [ln for ln in md.strip().splitlines() if ln.startswith("|")]
-    budgets = [int(h.strip()[2:]) for h in lines[0].strip("|").split("|")[1:]]
+    budgets = [h.strip() for h in lines[0].strip("|").split("|")[1:]]
     out = {}
     for ln in lines[2:]:
         cells = [c.strip() for c in ln.strip("|").split("|")]
@@ -54,60 +65,72 @@ def test_summary_table_cells_equal_numpy_mean_and_std(tmp_path, rng, metric, dig
     path = tmp_path / "results.csv"
     rows = _write_grid(path, rng, seeds=(0, 1))
     read = read_results(path)
-    assert len(read) == 16
-    assert read[0]["labeled"] == 1 and isinstance(read[0]["fold"], int)
+    assert len(read) == 2 * 2 * 2 * 2 * len(CASES)
+    assert read[0]["labeled"] == 1 and isinstance(read[0]["fold"], int) and read[0]["case"] == "c1f0"
     assert read[0]["dice"] == rows[0]["dice"]  # full float precision survives the CSV
     cells = _parse_table(summary_table(read, metric))
-    assert set(cells) == {(m, b) for m in ("scratch", "pcl") for b in (1, 4)}
-    for (method, labeled), text in cells.items():
-        vals = np.array([r[metric] for r in rows if r["method"] == method and r["labeled"] == labeled])
+    assert set(cells) == {(m, b) for m in ("scratch", "pcl") for b in ("M=1", "M=4")}
+    for (method, budget), text in cells.items():
+        mine = [r for r in rows if r["method"] == method and f"M={r['labeled']}" == budget]
+        vals = np.array([r[metric] for r in mine])  # every test case x fold x seed
+        runs = np.array([np.mean([r[metric] for r in mine if (r["fold"], r["seed"]) == k])
+                         for k in sorted({(r["fold"], r["seed"]) for r in mine})])
         got = CELL.match(text)
         assert got, text
         assert float(got["mean"]) == pytest.approx(vals.mean(), abs=0.51 * 10**-digits)
-        assert float(got["std"]) == pytest.approx(vals.std(ddof=1), abs=0.51 * 10**-digits)
-        assert int(got["n"]) == len(vals) == 4
+        assert float(got["std"]) == pytest.approx(runs.std(ddof=1), abs=0.51 * 10**-digits)
+        assert int(got["n"]) == len(runs) == 4
 
 
 def test_missing_cells_single_runs_and_nan_values(tmp_path):
     path = tmp_path / "r.csv"
-    base = {"n_test": 2, "hd95": 5.0}
-    append_result(path, {**base, "method": "a", "labeled": 1, "fold": 0, "seed": 0, "dice": 0.5})
-    append_result(path, {**base, "method": "a", "labeled": 1, "fold": 1, "seed": 0, "dice": math.nan})
-    append_result(path, {**base, "method": "b", "labeled": 2, "fold": 0, "seed": 0, "dice": 0.7})
+    base = {"n_test": 1, "hd95": 5.0, "at": 1.0}
+    append_result(path, {**base, "method": "a", "labeled": 1, "fold": 0, "seed": 0, "case": "x", "dice": 0.5})
+    append_result(path, {**base, "method": "a", "labeled": 1, "fold": 1, "seed": 0, "case": "y", "dice": math.nan})
+    append_result(path, {**base, "method": "b", "labeled": 2, "fold": 0, "seed": 0, "case": "x", "dice": 0.7})
+    append_result(path, {**base, "method": "b", "labeled": 3, "val": 2, "fold": 0, "seed": 0, "case": "x",
+                         "dice": 0.6})
     cells = _parse_table(summary_table(read_results(path)))
-    assert cells[("a", 1)] == "0.500 (1)"  # the NaN run is left out of mean and n
-    assert cells[("a", 2)] == "—" and cells[("b", 1)] == "—"
-    assert cells[("b", 2)] == "0.700 (1)"
+    assert cells[("a", "M=1")] == "0.500 (1)"  # the NaN run is left out of mean and n
+    assert cells[("a", "M=2")] == "—" and cells[("b", "M=1")] == "—"
+    assert cells[("b", "M=2")] == "0.700 (1)"
+    assert cells[("b", "M=3 (2 val)")] == "0.600 (1)"  # validation volumes are part of M and named
 
 
-def test_finished_cells_find_every_row_and_survive_a_torn_line(tmp_path, rng):
+def test_finished_cells_need_every_test_case_and_survive_a_torn_line(tmp_path, rng):
     path = tmp_path / "results.csv"
     assert finished_cells(path) == set()
     rows = _write_grid(path, rng)
-    expected = {(r["method"], r["labeled"], r["fold"], r["seed"]) for r in rows}
+    expected = {(r["method"], r["labeled"], 0, r["fold"], r["seed"]) for r in rows}
     assert finished_cells(path) == expected
     with open(path, "a") as f:  # a crash mid-write leaves half a line
-        f.write("spade,2,0,0,0.7")
+        f.write("spade,2,0,0,0,1.0,100,c1,0.7")
     with pytest.warns(UserWarning, match="skipped a row"):
         assert finished_cells(path) == expected
-    append_result(path, {"method": "spade", "labeled": 2, "fold": 0, "seed": 0, "dice": 0.71, "hd95": 3.0,
-                         "n_test": 3})
+    spade = {"method": "spade", "labeled": 2, "fold": 0, "seed": 0, "at": 1.0, "dice": 0.71, "hd95": 3.0,
+             "n_test": 2}
+    append_result(path, {**spade, "case": "c1"})
     with pytest.warns(UserWarning):
-        assert finished_cells(path) == expected | {("spade", 2, 0, 0)}
-    before = path.read_text().splitlines()[:9]
-    assert before[0].startswith("method,labeled,fold,seed,dice,hd95,n_test,pretrain_run,finetune_run,seconds")
-    assert "dice_liver" in before[0]
+        assert finished_cells(path) == expected  # one of its two test cases: unfinished
+    append_result(path, {**spade, "case": "c2", "at": 0.3})
+    with pytest.warns(UserWarning):
+        assert finished_cells(path) == expected  # a part-way point does not finish it
+    append_result(path, {**spade, "case": "c2"})
+    with pytest.warns(UserWarning):
+        assert finished_cells(path) == expected | {("spade", 2, 0, 0, 0)}
+    header = path.read_text().splitlines()[0]
+    assert header.startswith(",".join(STANDARD_COLUMNS)) and header.endswith(",dice_liver")
 
 
 def test_append_rejects_unknown_columns_and_missing_required(tmp_path, rng):
     path = tmp_path / "results.csv"
     _write_grid(path, rng)
     size = path.stat().st_size
+    row = {"method": "a", "labeled": 1, "fold": 0, "seed": 0, "case": "c1", "dice": 0.5}
     with pytest.raises(InputError, match="dice_kidney"):
-        append_result(path, {"method": "a", "labeled": 1, "fold": 0, "seed": 0, "dice": 0.5, "hd95": 1.0,
-                             "n_test": 1, "dice_kidney": 0.3})
-    with pytest.raises(InputError, match="n_test"):
-        append_result(path, {"method": "a", "labeled": 1, "fold": 0, "seed": 0, "dice": 0.5, "hd95": 1.0})
+        append_results(path, [row, {**row, "dice_kidney": 0.3}])
+    with pytest.raises(InputError, match="case"):
+        append_result(path, {k: v for k, v in row.items() if k != "case"})
     assert path.stat().st_size == size  # nothing written, nothing lost
     with pytest.raises(InputError, match="not found"):
         read_results(tmp_path / "missing.csv")
@@ -119,19 +142,29 @@ def test_plot_is_a_png_of_the_requested_size(tmp_path, rng):
     path = tmp_path / "results.csv"
     _write_grid(path, rng, seeds=(0, 1))
     rows = read_results(path)
-    png = plot_results(rows, tmp_path / "plot.png", size_px=(640, 400))
+    png = plot_results(rows, tmp_path / "plot.png", size_px=(900, 400), n_boot=50)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    assert imread(png).shape[:2] == (400, 640)
+    assert imread(png).shape[:2] == (400, 900)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
-def test_write_report_has_both_tables_the_rule_and_the_cell_count(tmp_path, rng):
+def test_write_report_has_every_section_the_rule_and_the_scope(tmp_path, rng):
     path = tmp_path / "results.csv"
-    _write_grid(path, rng)
-    md, png = write_report(path, tmp_path / "report")
+    _write_grid(path, rng, at=(0.1, 1.0))
+    md, png = write_report(path, tmp_path / "report", n_boot=100)
     text = md.read_text()
-    assert "4 of 4 cells" in text and "8 runs" in text
-    assert "## Dice" in text and "## HD95" in text and text.count("| M=1 | M=4 |") == 2
-    assert NAN_RULE in text and "training-fold images only" in text
+    assert "8 fine-tuning runs" in text and "Folds [0, 1]" in text and "One fold only" not in text
+    for section in ("## Paired difference to scratch", "## Test Dice during fine-tuning", "## Convergence",
+                    "## Dice (test fold", "## HD95"):
+        assert section in text
+    assert "| pcl | M=1 |" in text and "| 10% of steps | 100% of steps |" in text
+    assert text.count("| method | M=1 | M=4 |") == 2
+    assert NAN_RULE in text and "training-fold images only" in text and "No validation labels" in text
+    assert "no sweep recorded" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
+    one = [r for r in read_results(path) if r["fold"] == 0]
+    path1 = tmp_path / "one.csv"
+    append_results(path1, one)
+    text1 = write_report(path1, tmp_path / "one", n_boot=100)[0].read_text()
+    assert "**One fold only (fold 0)**" in text1 and "(one fold)" in text1
