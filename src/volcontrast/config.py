@@ -20,10 +20,20 @@ from volcontrast.errors import InputError
 T = TypeVar("T")
 
 
+def extra_sections(cls: type) -> dict[str, type]:
+    """Sections a dataclass takes besides its fields: ``cls.extra_sections()`` if it defines it (the pretraining
+    config's method sections come from the method registry), else none."""
+    fn = getattr(cls, "extra_sections", None)
+    return dict(fn()) if callable(fn) else {}
+
+
 def to_dict(obj: Any) -> Any:
     """Dataclasses (nested) -> plain dicts/lists of JSON/YAML-safe scalars."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        for name in extra_sections(type(obj)):
+            out[name] = to_dict(getattr(obj, name))
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -100,11 +110,16 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ``ValueError``."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
+    extras = extra_sections(cls)
+    unknown = sorted(set(data) - names - set(extras))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
-    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(names | set(extras))}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items() if k in names}
+    obj = cls(**kwargs)
+    for k, tp in extras.items():
+        if k in data:
+            setattr(obj, k, _convert(tp, data[k], f"{where}.{k}"))
+    return obj
 
 
 def merge(base: T, overrides: dict[str, Any], *, where: str = "config") -> T:

@@ -4,8 +4,21 @@ For every fold x seed: the labelled cases are split (:func:`~volcontrast.data.sp
 pretraining method is trained once on that fold's pretraining pool (training-fold images, or every image with
 ``transductive``), then every (method, label budget) cell is fine-tuned with the same labelled draw and scored
 on the test fold (pretraining runs are shared by folds whose pools are equal, e.g. all folds when transductive).
-One row per cell goes to ``results.csv``; ``results.md`` and ``results.png`` are rewritten
-from it. Finished cells are skipped on a rerun; an interrupted pretraining run is resumed.
+One row per test case and scored point goes to ``results.csv``; ``results.md`` and ``results.png`` are
+rewritten from it. Finished cells are skipped on a rerun; an interrupted pretraining run is resumed.
+
+The protocol (issue 17):
+
+- **Every label counts.** ``labeled`` are training volumes; ``val`` (default 0) adds validation volumes for
+  checkpoint choice, and the budget reported is M = labeled + val. With ``val = 0`` no label outside the training
+  volumes is read: fixed schedule, the last weights are scored.
+- **One recipe** (:class:`~volcontrast.engine.finetune.FinetuneConfig`): whole-network warm-up, poly decay, a
+  pretrained encoder at ``encoder_lr_scale`` x the learning rate, scratch at its own ``scratch_lr`` — chosen by
+  :func:`sweep_scratch_lr` on development cases (a fold's validation cases, never its test fold) when
+  ``lr_sweep`` lists candidates; the choice goes to ``lr_sweep.json`` and ``results.md``.
+- **Dice during fine-tuning**: snapshots at ``eval_at`` shares of the steps are scored on the test fold too, and
+  each run's training-Dice curve decides its ``converged`` flag.
+- **Checked up front**: every fold's budgets are checked before the first run starts.
 
 Method specs: ``scratch`` (no pretraining) or a pretraining method (``simclr``, ``gcl``, ``pcl``, ...), optional
 fine-tuning variants ``+pdcr`` / ``+uafs``, and an optional ``@2d`` / ``@3d`` dimension (default ``dim``), e.g.
@@ -14,6 +27,8 @@ fine-tuning variants ``+pdcr`` / ``+uafs``, and an optional ``@2d`` / ``@3d`` di
 
 from __future__ import annotations
 
+import csv
+import math
 import os
 import shutil
 import time
@@ -21,24 +36,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volcontrast.bench.report import append_result, finished_cells, write_report
+from volcontrast.bench.report import CONVERGE_TOL, append_results, finished_cells, training_converged, write_report
 from volcontrast.config import merge, to_dict
 from volcontrast.data.cache import Cache
 from volcontrast.data.splits import kfold_splits, pretraining_pool
 from volcontrast.engine.config import resolve_pretrain_config
 from volcontrast.engine.evaluate import evaluate
-from volcontrast.engine.finetune import finetune, resolve_finetune_config
+from volcontrast.engine.finetune import finetune, finetune_loop_settings, resolve_finetune_config
 from volcontrast.engine.pretrain import pretrain
 from volcontrast.engine.run import RunDir
 from volcontrast.errors import InputError
-from volcontrast.methods import METHODS
-from volcontrast.utils.files import atomic_write_json, stable_hash
+from volcontrast.methods.registry import list_methods
+from volcontrast.utils.files import atomic_write_json, read_json, stable_hash
 
 
 @dataclass
 class BenchmarkConfig:
     methods: list[str] = field(default_factory=lambda: ["scratch", "simclr", "gcl", "pcl"])
-    labeled: list[int] = field(default_factory=lambda: [1, 2, 4])
+    labeled: list[int] = field(default_factory=lambda: [1, 2, 4])  # labelled *training* volumes per run
+    val: int = 0  # + labelled validation volumes for checkpoint choice (counted in the budget M); 0 = none
+    eval_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # shares of the steps scored on test
+    scratch_lr: float = 0.0  # scratch's own learning rate (0 = the fine-tuning config's optim.lr)
+    lr_sweep: list[float] = field(default_factory=list)  # candidates: sweep scratch's lr first (dev cases)
+    converge_tol: float = CONVERGE_TOL  # training Dice flat within this over the last 20% of the steps
     folds: int = 3
     run_folds: list[int] = field(default_factory=list)  # subset of folds to run (empty = all)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -64,8 +84,8 @@ def parse_method(spec: str, default_dim: int) -> tuple[str, int, tuple[str, ...]
     """``"pcl+pdcr@2d"`` -> ("pcl", 2, ("pdcr",)); ``"scratch"`` -> ("scratch", default_dim, ())."""
     head, _, dim = spec.strip().partition("@")
     name, *variants = head.split("+")
-    if name != "scratch" and name not in METHODS:
-        raise InputError("--methods", f"unknown method {name!r}; choose scratch or one of {', '.join(METHODS)}")
+    if name != "scratch" and name not in list_methods():
+        raise InputError("--methods", f"unknown method {name!r}; choose scratch or one of {', '.join(list_methods())}")
     bad = [v for v in variants if v not in FINETUNE_VARIANTS]
     if bad:
         raise InputError("--methods", f"unknown variant {bad[0]!r} in {spec!r}; use +pdcr and/or +uafs")
@@ -87,27 +107,24 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = [parse_method(m, config.dim) for m in config.methods]
-    if not config.labeled or min(config.labeled) < 1:
-        raise InputError("--labeled", "needs label budgets >= 1")
+    splits = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
+                          val_fraction=_finetune_config(config, "scratch", 0, 0, 0, config.dim).val_fraction)
+    folds = config.run_folds or list(range(config.folds))
+    check_protocol(splits, folds, config)
+    if config.lr_sweep and not config.scratch_lr:
+        config = merge(config, {"scratch_lr": sweep_scratch_lr(cache, out, config, progress=progress, log=log)})
     atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
     results = out / "results.csv"
     done = finished_cells(results)
-    splits = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed)
-    folds = config.run_folds or list(range(config.folds))
     for fold in folds:
-        if not 0 <= fold < config.folds:
-            raise InputError("--run-folds", f"fold {fold} is not in 0..{config.folds - 1}")
         split = splits[fold]
-        if max(config.labeled) > len(split.train):
-            raise InputError("--labeled", f"budget {max(config.labeled)} exceeds the {len(split.train)} training cases"
-                             f" of fold {fold}")
         pool = pretraining_pool(split, cache.ids, config.transductive)
         for seed in config.seeds:
             cell_dir = out / "runs" / f"fold{fold}_seed{seed}"
             for name, dim, variants in specs:
                 base = name if dim == config.dim else f"{name}@{dim}d"
                 label = "+".join([name, *variants]) + ("" if dim == config.dim else f"@{dim}d")
-                todo = [m for m in config.labeled if (label, m, fold, seed) not in done]
+                todo = [m for m in config.labeled if (label, m + config.val, config.val, fold, seed) not in done]
                 if not todo:
                     continue
                 init = "scratch"
@@ -117,27 +134,159 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                     init = str(_pretrain_cell(cache, pre_dir, config, name, dim, seed, pool, progress, log))
                 for budget in todo:
                     t0 = time.perf_counter()
-                    run = cell_dir / f"finetune_{label}_M{budget}"
+                    m_total = budget + config.val
+                    run = cell_dir / (f"finetune_{label}_M{m_total}" + (f"v{config.val}" if config.val else ""))
                     if run.exists():
                         shutil.rmtree(run)  # an unfinished cell: start it again
-                    over = merge_dicts(config.finetune, config.finetune_2d if dim == 2 else {})
-                    over.update({"init": init, "labeled": budget, "fold": fold, "folds": config.folds,
-                                 "seed": seed, "split_seed": config.split_seed, "dim": dim,
-                                 **{v: True for v in variants}})
-                    if config.finetune_steps:
-                        over["steps"] = config.finetune_steps
-                    ft_cfg = resolve_finetune_config(config.finetune_preset, None, over)
-                    log(f"[fold {fold} seed {seed}] fine-tune {label} with {budget} labelled volume(s)")
+                    ft_cfg = _finetune_config(config, init, budget, fold, seed, dim, variants)
+                    log(f"[fold {fold} seed {seed}] fine-tune {label} with M={m_total} labelled volume(s)"
+                        + (f" ({config.val} for validation)" if config.val else ""))
                     finetune(cache, run, ft_cfg, progress=progress)
-                    metrics = evaluate(run, cache, progress=False)
-                    row = _result_row(label, budget, fold, seed, metrics, init, run, time.perf_counter() - t0,
-                                      "transductive" if config.transductive else "fold", cache.label_names)
-                    append_result(results, row)
-                    log(f"[fold {fold} seed {seed}] {label} M={budget}: test Dice {row['dice']:.4f}")
+                    rows = _score_cell(cache, run, ft_cfg, config, label, fold, seed, init,
+                                       "transductive" if config.transductive else "fold")
+                    for r in rows:
+                        r["seconds"] = round(time.perf_counter() - t0, 1)
+                    append_results(results, rows)
+                    final = [r["dice"] for r in rows if r["at"] == 1.0]
+                    log(f"[fold {fold} seed {seed}] {label} M={m_total}: test Dice {_nanmean(final):.4f}"
+                        f" (converged: {'yes' if rows[0]['converged'] == 1.0 else 'no'})")
                     write_report(results, out)
     if results.exists():
         write_report(results, out)
     return results
+
+
+def _nanmean(values: list[float]) -> float:
+    v = [x for x in values if not math.isnan(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def check_protocol(splits: list, folds: list[int], config: BenchmarkConfig) -> None:
+    """Every fold's budgets and validation draw, checked before the first run starts."""
+    if not config.labeled or min(config.labeled) < 1:
+        raise InputError("--labeled", "needs label budgets >= 1")
+    if config.val < 0:
+        raise InputError("--val", f"validation volumes must be >= 0, got {config.val}")
+    if not config.eval_at or any(not 0.0 < f <= 1.0 for f in config.eval_at):
+        raise InputError("eval_at", f"shares of the steps must be in (0, 1], got {config.eval_at}")
+    for fold in folds:
+        if not 0 <= fold < config.folds:
+            raise InputError("--run-folds", f"fold {fold} is not in 0..{config.folds - 1}")
+        split = splits[fold]
+        if max(config.labeled) > len(split.train):
+            raise InputError("--labeled", f"budget {max(config.labeled)} exceeds the {len(split.train)} training cases"
+                             f" of fold {fold}")
+        if config.val > len(split.val):
+            raise InputError("--val", f"{config.val} validation volumes exceed the {len(split.val)} validation cases"
+                             f" of fold {fold}")
+
+
+def _finetune_config(config: BenchmarkConfig, init: str, budget: int, fold: int, seed: int, dim: int,
+                     variants: tuple[str, ...] = (), lr: float | None = None):
+    over = merge_dicts(config.finetune, config.finetune_2d if dim == 2 else {})
+    over.update({"init": init, "labeled": budget, "val": config.val, "fold": fold, "folds": config.folds,
+                 "seed": seed, "split_seed": config.split_seed, "dim": dim, **{v: True for v in variants}})
+    if config.finetune_steps:
+        over["steps"] = config.finetune_steps
+    if lr is not None:
+        over["scratch_lr"] = lr
+    elif config.scratch_lr:
+        over["scratch_lr"] = config.scratch_lr
+    cfg = resolve_finetune_config(config.finetune_preset, None, over)
+    cfg.snapshots = snapshot_steps(cfg.steps, config.eval_at)
+    return cfg
+
+
+def snapshot_steps(steps: int, eval_at: list[float]) -> list[int]:
+    """The steps scored part-way: ``max(1, round(f · steps))`` for every share ``f < 1`` (the end is the run)."""
+    return sorted({max(1, round(f * steps)) for f in eval_at if f < 1.0} - {steps})
+
+
+def training_curve(run: Path) -> tuple[list[float], list[float]]:
+    """(steps, training Dice) from ``RUN/log.csv``."""
+    steps, dice = [], []
+    with open(run / "log.csv", newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("train_dice") not in (None, ""):
+                steps.append(float(row["step"]))
+                dice.append(float(row["train_dice"]))
+    return steps, dice
+
+
+def _score_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label: str, fold: int, seed: int,
+                init: str, pool: str) -> list[dict[str, Any]]:
+    """Per-case rows of one fine-tuned run: every snapshot, then the end (validation choice when it had one)."""
+    steps, dice = training_curve(run)
+    tail = [d for s, d in zip(steps, dice) if s > 0.9 * ft_cfg.steps] or dice[-1:]
+    common = {
+        "method": label, "labeled": ft_cfg.labeled + ft_cfg.val, "val": ft_cfg.val, "fold": fold, "seed": seed,
+        "lr": finetune_loop_settings(ft_cfg).lr, "train_dice": _nanmean(tail),
+        "converged": float(training_converged(steps, dice, ft_cfg.steps, config.converge_tol)),
+        "pretrain_run": "" if init == "scratch" else init, "finetune_run": str(run), "pool": pool,
+    }
+    points = [(s / ft_cfg.steps, f"step{s}") for s in ft_cfg.snapshots] + [(1.0, "best")]
+    rows = []
+    for at, checkpoint in points:
+        metrics = evaluate(run, cache, checkpoint=checkpoint, progress=False)
+        per_case = metrics["aggregate"]["per_case"]
+        step = metrics.get("step") or (ft_cfg.steps if at == 1.0 else round(at * ft_cfg.steps))
+        for cid in sorted(metrics["cases"]):
+            row = {**common, "at": round(at, 4), "step": int(step), "case": cid,
+                   "dice": per_case[cid]["dice"], "hd95": per_case[cid]["hd95"], "n_test": len(metrics["cases"]),
+                   "checkpoint": metrics["checkpoint"]}
+            for c, name in sorted(cache.label_names.items()):  # every class of the dataset: fixed columns
+                if c > 0:
+                    row[f"dice_{name}"] = metrics["cases"][cid].get(c, {}).get("dice", math.nan)
+            rows.append(row)
+    return rows
+
+
+def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool = False,
+                     log=print) -> float:
+    """Choose scratch's learning rate among ``config.lr_sweep`` on development cases, never a test fold.
+
+    Scratch is fine-tuned with every candidate at every budget of ``config.labeled`` on the first run fold and
+    seed (the same recipe and steps as the benchmark), and scored (last weights) on that fold's validation cases,
+    which are never trained on; the candidate with the highest mean Dice wins (ties: the smaller lr). The record
+    goes to ``OUT/lr_sweep.json`` (reused when it lists the same candidates) and into ``results.md``.
+    """
+    record = out / "lr_sweep.json"
+    lrs = sorted(float(x) for x in config.lr_sweep)
+    if any(x <= 0 for x in lrs):
+        raise InputError("--lr-sweep", f"learning rates must be > 0, got {config.lr_sweep}")
+    if record.is_file():
+        old = read_json(record)
+        if sorted(float(x) for x in old["lrs"]) == lrs:
+            log(f"scratch learning rate {old['chosen']:.2g} from {record}")
+            return float(old["chosen"])
+    fold = (config.run_folds or [0])[0]
+    seed = config.seeds[0]
+    probe = _finetune_config(config, "scratch", 0, fold, seed, config.dim)
+    split = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
+                         val_fraction=probe.val_fraction)[fold]
+    dev = list(split.val)
+    if not dev:
+        raise InputError("--lr-sweep", f"fold {fold} has no validation cases to sweep on")
+    sweep_cfg = merge(config, {"val": 0, "eval_at": [1.0]})
+    scores = []
+    steps = 0
+    for lr in lrs:
+        dice = []
+        for budget in config.labeled:
+            run = out / "runs" / "lr_sweep" / f"scratch_lr{lr:g}_M{budget}"
+            if run.exists():
+                shutil.rmtree(run)
+            cfg = _finetune_config(sweep_cfg, "scratch", budget, fold, seed, config.dim, lr=lr)
+            steps = cfg.steps
+            log(f"[lr sweep] scratch lr {lr:g}, M={budget}, scored on fold {fold}'s {len(dev)} validation cases")
+            finetune(cache, run, cfg, progress=progress)
+            dice.append(evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"])
+        scores.append(_nanmean(dice))
+    best = max(range(len(lrs)), key=lambda i: (scores[i] if not math.isnan(scores[i]) else -1.0, -lrs[i]))
+    atomic_write_json(record, {"lrs": lrs, "dice": scores, "chosen": lrs[best], "budgets": list(config.labeled),
+                               "where": f"fold {fold} validation cases {dev}, seed {seed}", "steps": steps})
+    log(f"[lr sweep] scratch learning rate {lrs[best]:g} (mean development Dice {scores[best]:.4f})")
+    return lrs[best]
 
 
 def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -167,21 +316,6 @@ def _pretrain_cell(cache: Cache, run: Path, config: BenchmarkConfig, method: str
         log(f"pretrain {method} ({dim}D) on {len(pool)} images for {cfg.steps} steps")
         pretrain(cache, run, cfg, progress=progress)
     return run
-
-
-def _result_row(method: str, budget: int, fold: int, seed: int, metrics: dict[str, Any], init: str, run: Path,
-                seconds: float, pool: str, label_names: dict[int, str]) -> dict[str, Any]:
-    agg = metrics["aggregate"]
-    row: dict[str, Any] = {
-        "method": method, "labeled": budget, "fold": fold, "seed": seed,
-        "dice": agg["mean_dice"], "hd95": agg["mean_hd95"], "n_test": agg["n_cases"],
-        "pretrain_run": "" if init == "scratch" else init, "finetune_run": str(run), "seconds": round(seconds, 1),
-        "pool": pool,
-    }
-    for c, name in sorted(label_names.items()):  # every class of the dataset: a fixed set of columns
-        if c > 0:
-            row[f"dice_{name}"] = agg["per_class"].get(c, {}).get("dice", float("nan"))
-    return row
 
 
 def config_with(base: BenchmarkConfig, overrides: dict[str, Any]) -> BenchmarkConfig:

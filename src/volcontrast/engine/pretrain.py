@@ -20,8 +20,7 @@ from volcontrast.methods import build_method
 from volcontrast.methods.base import PretrainMethod
 from volcontrast.nets import backbone_from_config
 from volcontrast.views.geometry import CaseTable
-from volcontrast.views.pair_sampler import CrossScanPairSampler, PairSamplerConfig
-from volcontrast.views.sampler import BoxSampler, BoxSamplerConfig, StepSampler, box_size_for
+from volcontrast.views.sampler import StepSampler
 
 
 class PretrainTask:
@@ -50,6 +49,9 @@ class PretrainTask:
             return groups()
         return [p for p in self.method.parameters() if p.requires_grad]
 
+    def monitors(self) -> list[Any]:
+        return self.method.monitors()
+
     def log_columns(self) -> list[str]:
         cols = self.method.log_columns()
         return cols + (["probe_r2_z", "probe_r2_xyz"] if self.probe is not None else [])
@@ -70,9 +72,7 @@ class PretrainTask:
 
 
 def build_pretraining(cache: Cache, config: PretrainConfig) -> tuple[PretrainMethod, StepSampler, list[str]]:
-    """The method (backbone + heads) and the step-indexed sampler for ``config`` on ``cache``: boxes of single
-    scans (:class:`BoxSampler`), or for ``alice`` pairs of boxes at matched anatomy of two different scans
-    (:class:`CrossScanPairSampler`, ``alice.pairs_per_batch`` pairs per step and rank)."""
+    """The registered method (backbone + heads) and its step-indexed sampler for ``config`` on ``cache``."""
     pool = list(config.data.pool) or list(cache.ids)
     unknown = sorted(set(pool) - set(cache.ids))
     if unknown:
@@ -86,21 +86,7 @@ def build_pretraining(cache: Cache, config: PretrainConfig) -> tuple[PretrainMet
         raise InputError("data.crop_size", str(exc)) from None
     table = CaseTable.from_cache(cache, pool)
     method = build_method(config.method, backbone, config, table)
-    box = box_size_for(crop, config.augment.context)
-    sampler: StepSampler
-    if config.method == "alice":
-        a = config.alice
-        pair_cfg = PairSamplerConfig(crop_size=crop, box_size=box, pairs_per_batch=a.pairs_per_batch,
-                                     provider=a.provider, min_confidence=a.min_confidence, max_tries=a.max_tries)
-        sampler = CrossScanPairSampler(cache.root, pool, pair_cfg, seed=config.seed, rank=dist.rank(),
-                                       steps=config.steps)
-        return method, sampler, pool
-    sampler_cfg = BoxSamplerConfig(
-        crop_size=crop, box_size=box, volumes_per_batch=config.data.volumes_per_batch,
-        crops_per_volume=config.data.crops_per_volume, dim=config.dim,
-    )
-    sampler = BoxSampler(cache.root, pool, sampler_cfg, seed=config.seed, rank=dist.rank(), steps=config.steps)
-    return method, sampler, pool
+    return method, method.build_sampler(cache.root, pool, dist.rank()), pool
 
 
 def pretrain(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: PretrainConfig | None = None, *,
@@ -139,7 +125,5 @@ def pretrain(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: P
     if config.probe_crops > 0 and len(pool) >= 2:
         probe = BodyPositionProbe(cache, pool, tuple(config.data.crop_size), config.probe_crops, seed=config.seed)
     settings = loop_settings(config, progress=progress, description=f"pretrain {config.method}")
-    settings.usage_floor = float(getattr(method, "usage_floor", 0.0))  # self-distillation collapse monitor
-    settings.entropy_ceiling = float(getattr(method, "entropy_ceiling", 0.0))
     task = PretrainTask(method, model_json, probe, config.probe_every)
     return fit(task, sampler, run, settings, resume=resume)

@@ -5,8 +5,8 @@ per-step batch preparation (device-side augmentation), hooks, and metadata. :fun
 else: device and DDP (torchrun; nccl on CUDA, gloo on CPU), bf16 autocast on CUDA, optional
 ``torch.compile``, fused optimisers, warm-up + cosine schedule, step-seeded randomness (so ``--resume``
 repeats an uninterrupted run exactly), atomic checkpoints, ``log.csv`` + TensorBoard, a live progress bar,
-data-wait timing and a collapse monitor (contrastive: the loss at its all-embeddings-equal value; self-distillation:
-the teacher's prototype usage below ``usage_floor`` or its entropy above ``entropy_ceiling``).
+data-wait timing, and the collapse monitors a task returns (``task.monitors()``: objects that look at every logged
+row, :mod:`volcontrast.methods.monitors`; the engine knows no method).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from volcontrast import dist
 from volcontrast.engine.run import CSVLog, RunDir, load_module_state, load_trainer_state, load_weights
 from volcontrast.nets.base import deduplicated_state_dict
+from volcontrast.utils.threads import worker_init
 
 
 class TrainTask(Protocol):
@@ -48,6 +49,9 @@ class TrainTask(Protocol):
     def periodic(self, step: int, final: bool) -> dict[str, float]:
         """Extra metrics (e.g. a probe) at log steps; returns {} when nothing is due."""
         ...
+
+    # optional ``monitors() -> list``: collapse monitors, each with ``update(row, judged, patience) -> (flag,
+    # message or None)``; fed every logged row after the first fifth of the run
 
     # optional: ``parameter_groups() -> list[dict]`` with "params", "lr_scale" (x the schedule's lr) and
     # "frozen_steps" (lr 0 before that step), e.g. a gentler learning rate for a pretrained encoder
@@ -74,8 +78,6 @@ class LoopSettings:
     checkpoint_every: int = 100
     keep_every: int = 0
     collapse_patience: int = 3
-    usage_floor: float = 0.0  # self-distillation: warn when the logged prototype_usage stays below this (0 = off)
-    entropy_ceiling: float = 0.0  # ... or the logged teacher_entropy (nats) stays above this (0 = off)
     workers: int = 0
     prefetch: int = 2
     progress: bool = True
@@ -228,15 +230,14 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start, s.steps), num_workers=s.workers,
         pin_memory=device.type == "cuda", prefetch_factor=s.prefetch if s.workers > 0 else None,
-        persistent_workers=False,
+        persistent_workers=False, worker_init_fn=worker_init if s.workers > 0 else None,
     )
     progress = _Progress(s.progress and main, s.steps, start, s.description)
     history: list[dict[str, float]] = []
     t_start = time.perf_counter()
     acc = {"loss": 0.0, "n": 0, "data": 0.0, "total": 0.0, "samples": 0}
     logs_acc: dict[str, float] = {}
-    collapse_count = 0
-    usage_count = 0  # consecutive logged steps with prototype usage below the floor (self-distillation)
+    monitors = task.monitors() if hasattr(task, "monitors") else []
     last_loss = float("nan")
     total_samples, total_time, total_data = 0, 0.0, 0.0
     it = iter(loader)
@@ -293,36 +294,11 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                 last_loss = row["loss"]
                 # random initial networks map every input alike; only judge collapse once training had a chance
                 judged = done >= max(s.warmup_steps, s.steps // 5)
-                if "collapse_value" in row:
-                    # collapse: the loss sits at its all-embeddings-equal value *and* the embeddings have no
-                    # spread (many-positive masks such as GCL's can sit near that value while learning)
-                    near = abs(row["loss"] - row["collapse_value"]) < 0.01 * max(row["collapse_value"], 1e-6)
-                    spread = row.get("embedding_spread", 1.0)
-                    flat = spread < 1e-3 or (near and spread < 0.05)
-                    collapse_count = collapse_count + 1 if (judged and flat) else 0
-                    row["collapse_warning"] = float(collapse_count >= s.collapse_patience)
-                    if collapse_count == s.collapse_patience:
-                        progress.warn(
-                            f"step {done}: the loss sits at the collapse value {row['collapse_value']:.4f} "
-                            "(all embeddings alike); lower the learning rate or check the augmentation")
-                if s.usage_floor > 0 or s.entropy_ceiling > 0:
-                    # self-distillation collapse: the teacher sends every row to the same prototype (usage at
-                    # 1/K) or gives every row the uniform distribution (entropy at ln K)
-                    usage = row.get("prototype_usage", float("nan"))
-                    entropy = row.get("teacher_entropy", float("nan"))
-                    one = s.usage_floor > 0 and usage < s.usage_floor
-                    uniform = s.entropy_ceiling > 0 and entropy > s.entropy_ceiling
-                    usage_count = usage_count + 1 if (judged and (one or uniform)) else 0
-                    row["collapse_warning"] = max(row.get("collapse_warning", 0.0),
-                                                  float(usage_count >= s.collapse_patience))
-                    if usage_count == s.collapse_patience:
-                        what = ("the teacher sends every crop to the same prototype" if one else
-                                "the teacher's output is uniform for every crop")
-                        progress.warn(
-                            f"step {done}: self-distillation collapse: {what} (prototype usage {usage:.4f}, floor "
-                            f"{s.usage_floor:.4f}; teacher entropy {entropy:.3f} nats, ceiling "
-                            f"{s.entropy_ceiling:.3f}); lower the learning rate or check the normalisation of the "
-                            "head's input (e.g. alice.global_batch_norm)")
+                for monitor in monitors:  # the method's collapse monitors (methods/monitors.py)
+                    flag, message = monitor.update(row, judged, s.collapse_patience)
+                    row["collapse_warning"] = max(row.get("collapse_warning", 0.0), float(flag))
+                    if message:
+                        progress.warn(f"step {done}: {message}")
                 history.append(row)
                 if log is not None:
                     log.append(row)

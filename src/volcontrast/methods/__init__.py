@@ -1,26 +1,26 @@
-"""Pretraining methods: one small module per method, wired from views + nets + losses."""
+"""Pretraining methods: one module per method, each registering itself in :mod:`volcontrast.methods.registry`.
+
+Importing this package registers the built-in methods (simclr, gcl, pcl, spade, spade-nodebias, alice, voco,
+mae); :func:`build_method` builds any registered one.
+"""
 
 from __future__ import annotations
 
-from volcontrast.engine.config import PretrainConfig
-from volcontrast.errors import InputError
-from volcontrast.methods.alice import Alice
+from typing import TYPE_CHECKING
+
+from volcontrast.methods import alice, contrastive, spade  # noqa: F401  (register the built-in methods)
 from volcontrast.methods.base import PretrainMethod
-from volcontrast.methods.contrastive import GCL, PCL, SimCLR
-from volcontrast.methods.spade import Spade, SpadeNoDebias
+from volcontrast.methods.registry import get_method, list_methods, register_method, register_preset
 from volcontrast.nets.base import Backbone
 from volcontrast.views.geometry import CaseTable
 
-METHODS: dict[str, type[PretrainMethod]] = {
-    "simclr": SimCLR, "gcl": GCL, "pcl": PCL, "spade": Spade, "spade-nodebias": SpadeNoDebias,
-    "alice": Alice,
-}
+if TYPE_CHECKING:
+    from volcontrast.engine.config import PretrainConfig
 
 
 def build_method(name: str, backbone: Backbone, config: PretrainConfig, table: CaseTable) -> PretrainMethod:
-    if name not in METHODS:
-        raise InputError("--method", f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name](backbone, config, table)
+    """The registered method ``name`` on ``backbone``. Raises InputError (``--method``) for unknown names."""
+    return get_method(name).cls(backbone, config, table)
 
 
-__all__ = ["GCL", "METHODS", "PCL", "Alice", "PretrainMethod", "SimCLR", "Spade", "SpadeNoDebias", "build_method"]
+__all__ = ["PretrainMethod", "build_method", "get_method", "list_methods", "register_method", "register_preset"]

@@ -1,6 +1,6 @@
 """Alice: cross-patient anatomical views, masked modelling, CASA alignment and self-distillation (METHODS.md §3).
 
-Every choice is a field of :class:`~volcontrast.engine.config.AliceConfig`; preset ``alice-paper`` holds the
+Every choice is a field of :class:`AliceConfig` (the ``alice:`` config section); preset ``alice-paper`` holds the
 released code's values (which does not run as released; its bugs are not repeated here).
 
 **Views.** :class:`~volcontrast.views.pair_sampler.CrossScanPairSampler` mines ``P`` pairs per step: a tissue
@@ -51,9 +51,9 @@ Every branch is always computed (a weight of 0 only zeroes its gradient), so DDP
 argmax of at least one teacher row of the step, gathered across ranks; ``1/K`` = every row the same prototype,
 the DINO collapse) and ``prototype_perplexity`` (``exp H(mean target) / K``); ``token_usage`` (the same for
 the CASA tokens); ``teacher_temperature``; ``momentum``; ``rejected_matches`` and ``match_confidence`` from
-the view miner. The engine's collapse monitor warns when ``prototype_usage`` stays below
-:meth:`~volcontrast.engine.config.AliceConfig.collapse_floor` (default ``2/K``: one prototype for every crop) or
-``teacher_entropy`` above :meth:`~volcontrast.engine.config.AliceConfig.collapse_ceiling` (default
+the view miner. The collapse monitor (:meth:`Alice.monitors`) warns when ``prototype_usage`` stays below
+:meth:`AliceConfig.collapse_floor` (default ``2/K``: one prototype for every crop) or
+``teacher_entropy`` above :meth:`AliceConfig.collapse_ceiling` (default
 ``0.99 ln K``: a uniform teacher).
 
 **Optimiser** (:meth:`Alice.optimizer_groups`): the DINO heads train at ``head_lr_scale`` x the learning rate
@@ -63,14 +63,15 @@ and their prototype layers are frozen for ``freeze_last_layer_steps`` steps (DIN
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from volcontrast import dist
-from volcontrast.engine.config import PretrainConfig
 from volcontrast.errors import InputError
 from volcontrast.losses.distill import (
     Centering,
@@ -83,14 +84,98 @@ from volcontrast.losses.distill import (
     warmup_then_constant,
 )
 from volcontrast.methods.base import PretrainMethod, ema_update
+from volcontrast.methods.monitors import Monitor, SelfDistillationCollapse
+from volcontrast.methods.registry import register_method, register_preset
 from volcontrast.nets.base import Backbone
 from volcontrast.nets.casa import CASABlock, TokenProjection, to_tokens
 from volcontrast.nets.heads import ReconstructionHead
 from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable
 from volcontrast.views.masking import apply_mask, masked_mse, tube_mask
+from volcontrast.views.pair_sampler import CrossScanPairSampler, PairSamplerConfig
+from volcontrast.views.sampler import StepSampler, box_size_for
 
-__all__ = ["Alice", "GlobalHead"]
+if TYPE_CHECKING:
+    from volcontrast.engine.config import PretrainConfig
+
+@dataclass
+class AliceConfig:
+    """Alice (METHODS.md section 3): cross-scan views, tube-masked student, EMA teacher, self-distillation, CASA.
+
+    Defaults are the values that keep the global branch learning at small scale (sharp teacher 0.01, KoLeo 0.1,
+    every encoder stage pooled: measured in benchmarks/RESULTS.md); preset ``alice-paper`` holds the released
+    code's values.
+    """
+
+    # cross-scan view mining (views/pair_sampler.py)
+    provider: str = "body"  # correspondence provider: body | affine | index (or a registered one)
+    min_confidence: float = 0.5  # matches below this are rejected and redrawn (counted, never accepted)
+    max_tries: int = 50  # candidates per pair before an InputError
+    pairs_per_batch: int = 4  # (Q, K) pairs per step and rank: 2 x pairs views
+    # tube masks (views/masking.py): in-plane blocks extruded through slice_axis, voxels set to 0
+    mask_ratio: float = 0.75  # fraction of in-plane blocks masked, in [0, 1)
+    mask_block: tuple[int, int] = (16, 16)  # in-plane block size (axes other than slice_axis, in axis order)
+    slice_axis: int = 2  # spatial axis the blocks are extruded through (2 = z after canonical RAS+)
+    # DINO heads (losses/distill.py): global head on the pooled bottleneck, patch head on the CASA tokens
+    num_prototypes: int = 512  # K, for both heads
+    # standardise the pooled bottleneck over the batch before the global head (BatchNorm without affine or running
+    # statistics): the global average of an instance-normed stage hardly differs between crops, so without it
+    # every crop starts on the same prototype and centering turns the teacher uniform (collapse)
+    global_batch_norm: bool = True
+    # the global token pools the deepest global_stages encoder stages (concatenated; 0 = every stage): the pooled
+    # instance-normed bottleneck alone carries no crop identity at initialisation (see methods/alice.GlobalHead)
+    global_stages: int = 0
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    head_lr_scale: float = 1.0  # learning rate of both DINO heads = this x optim.lr (schedule included)
+    freeze_last_layer_steps: int = 0  # the heads' prototype layers stay fixed (lr 0) for this many steps
+    student_temperature: float = 0.1
+    # the teacher is sharp (the code: 0.008 -> 0.01): with DINO's 0.04 -> 0.07 a student that cannot yet predict
+    # the other patient's crop hedges towards uniform and the teacher follows it (uniform collapse, RESULTS.md)
+    teacher_temperature: float = 0.01  # linear warm-up from this ...
+    teacher_temperature_end: float = 0.01  # ... to this, then constant
+    teacher_warmup_steps: float = 0.3  # < 1: fraction of the run's steps; >= 1: a step count
+    center_momentum: float = 0.9  # EMA of the teacher's batch-mean logits (one centre per head)
+    momentum: float = 0.996  # teacher EMA momentum, cosine schedule to momentum_end over the run
+    momentum_end: float = 1.0
+    # CASA (nets/casa.py): queries = student bottleneck tokens of the masked crop
+    casa_dim: int = 256  # common token size (TokenProjection of each source)
+    casa_heads: int = 8
+    casa_ffn_ratio: float = 4.0
+    casa_dropout: float = 0.0
+    teacher_casa: str = "shared"  # T through the student's CASA block (code) | "ema": the teacher's EMA copy
+    # keys/values: decoder stage (index into the backbone's decoder stages, deep -> shallow): 0 = the first
+    # decoder stage, one up-sampling above the bottleneck (nnFormer in the code: 8³ = 512 tokens at 64³);
+    # -1 = full resolution (far too many tokens)
+    decoder_stage: int = 0
+    # loss = inter_weight * L_inter + intra_weight * L_intra + rec_weight * L_rec
+    inter_weight: float = 1.0
+    intra_weight: float = 1.0
+    rec_weight: float = 5.0  # the code's 10 x MSE / 2
+    rec_masked_only: bool = True  # MSE on masked voxels (paper, MAE-style); False: all voxels (code)
+    # KoLeo spread of the student's global embeddings (DINOv2), added to the loss: keeps the student's crops apart
+    # while it cannot predict the teacher yet (0 = off, as in the code)
+    koleo_weight: float = 0.1
+    # collapse monitor (engine): warn when the global teacher sends every crop to one prototype (prototype usage
+    # below usage_floor; 0 = 2 / num_prototypes) or turns uniform (entropy above entropy_ceiling x ln K; 0 = off)
+    usage_floor: float = 0.0
+    entropy_ceiling: float = 0.99
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """The teacher-temperature warm-up in steps (a fraction < 1 of ``total_steps``, else a count)."""
+        w = float(self.teacher_warmup_steps)
+        return round(w * total_steps) if w < 1 else round(w)
+
+    def collapse_floor(self) -> float:
+        """Prototype-usage floor of the collapse monitor."""
+        return float(self.usage_floor) if self.usage_floor > 0 else 2.0 / self.num_prototypes
+
+    def collapse_ceiling(self) -> float:
+        """Teacher-entropy ceiling of the collapse monitor, in nats (0 = off)."""
+        return float(self.entropy_ceiling) * math.log(self.num_prototypes)
+
+
+__all__ = ["Alice", "AliceConfig", "GlobalHead"]
 
 
 class GlobalHead(nn.Module):
@@ -152,6 +237,76 @@ class Alice(PretrainMethod):
     name = "alice"
     uses_decoder = True
 
+    @classmethod
+    def validate_config(cls, config: PretrainConfig) -> None:
+        a = config.alice
+        if config.dim != 3:
+            raise InputError("--dim", f"alice works on 3D crops only, got dim {config.dim}")
+        if not 0.0 <= a.mask_ratio < 1.0:
+            raise InputError("alice.mask_ratio", f"must be in [0, 1), got {a.mask_ratio}")
+        if a.slice_axis not in (-3, -2, -1, 0, 1, 2):
+            raise InputError("alice.slice_axis", f"must be 0, 1 or 2, got {a.slice_axis}")
+        axis = a.slice_axis % 3
+        plane = [int(s) for i, s in enumerate(config.data.crop_size) if i != axis]
+        block = [int(b) for b in a.mask_block]
+        if len(block) != 2 or min(block) < 1:
+            raise InputError("alice.mask_block", f"needs two in-plane sizes >= 1, got {list(a.mask_block)}")
+        if any(b >= p for b, p in zip(block, plane)):
+            raise InputError("alice.mask_block", f"in-plane block {block} must be smaller than the crop's in-plane "
+                                                 f"size {plane} (crop {list(config.data.crop_size)}, slice axis "
+                                                 f"{axis}); use smaller blocks for small crops, e.g. "
+                                                 "`alice: {mask_block: [4, 4]}` in a --config YAML")
+        if not 0.0 <= a.min_confidence <= 1.0:
+            raise InputError("alice.min_confidence", f"must be in [0, 1], got {a.min_confidence}")
+        for name in ("max_tries", "pairs_per_batch", "num_prototypes", "head_hidden", "head_bottleneck",
+                     "casa_dim", "casa_heads"):
+            if int(getattr(a, name)) < 1:
+                raise InputError(f"alice.{name}", f"must be >= 1, got {getattr(a, name)}")
+        if int(a.global_stages) < 0:
+            raise InputError("alice.global_stages", f"must be >= 0 (0 = every encoder stage), got {a.global_stages}")
+        if a.casa_dim % a.casa_heads:
+            raise InputError("alice.casa_dim", f"must be a multiple of casa_heads ({a.casa_heads}), got {a.casa_dim}")
+        for name in ("student_temperature", "teacher_temperature", "teacher_temperature_end", "casa_ffn_ratio"):
+            if not float(getattr(a, name)) > 0:
+                raise InputError(f"alice.{name}", f"must be > 0, got {getattr(a, name)}")
+        if not 0.0 <= a.casa_dropout < 1.0:
+            raise InputError("alice.casa_dropout", f"must be in [0, 1), got {a.casa_dropout}")
+        if a.teacher_warmup_steps < 0:
+            raise InputError("alice.teacher_warmup_steps", f"must be >= 0, got {a.teacher_warmup_steps}")
+        if not 0.0 <= a.center_momentum <= 1.0:
+            raise InputError("alice.center_momentum", f"must be in [0, 1], got {a.center_momentum}")
+        if not 0.0 <= a.momentum <= a.momentum_end <= 1.0:
+            raise InputError("alice.momentum", f"need 0 <= momentum <= momentum_end <= 1, got {a.momentum}, "
+                                               f"{a.momentum_end}")
+        if a.teacher_casa not in ("shared", "ema"):
+            raise InputError("alice.teacher_casa", f"must be shared or ema, got {a.teacher_casa!r}")
+        weights = (a.inter_weight, a.intra_weight, a.rec_weight)
+        if min(weights) < 0 or max(weights) <= 0:
+            raise InputError("alice", f"loss weights must be >= 0 and not all 0, got inter/intra/rec {weights}")
+        if a.koleo_weight < 0:
+            raise InputError("alice.koleo_weight", f"must be >= 0, got {a.koleo_weight}")
+        if not 0.0 <= a.usage_floor < 1.0:
+            raise InputError("alice.usage_floor", f"must be in [0, 1), got {a.usage_floor}")
+        if not 0.0 <= a.entropy_ceiling <= 1.0:
+            raise InputError("alice.entropy_ceiling", f"must be in [0, 1], got {a.entropy_ceiling}")
+        if a.head_lr_scale < 0 or a.freeze_last_layer_steps < 0:
+            raise InputError("alice", f"head_lr_scale and freeze_last_layer_steps must be >= 0, got "
+                                      f"{a.head_lr_scale}, {a.freeze_last_layer_steps}")
+
+    def build_sampler(self, cache_root: Any, pool: list[str], rank: int) -> StepSampler:
+        """Pairs of boxes at matched anatomy of two different scans (``alice.pairs_per_batch`` pairs per step
+        and rank)."""
+        c, a = self.config, self.config.alice
+        crop = tuple(c.data.crop_size)
+        pair_cfg = PairSamplerConfig(crop_size=crop, box_size=box_size_for(crop, c.augment.context),
+                                     pairs_per_batch=a.pairs_per_batch, provider=a.provider,
+                                     min_confidence=a.min_confidence, max_tries=a.max_tries)
+        return CrossScanPairSampler(cache_root, pool, pair_cfg, seed=c.seed, rank=rank, steps=c.steps)
+
+    def monitors(self) -> list[Monitor]:
+        a = self.config.alice
+        return [SelfDistillationCollapse(usage_floor=a.collapse_floor(), entropy_ceiling=a.collapse_ceiling())]
+
     def __init__(self, backbone: Backbone, config: PretrainConfig, table: CaseTable):
         super().__init__(backbone, config, table)
         a = config.alice
@@ -183,8 +338,6 @@ class Alice(PretrainMethod):
         self.teacher.eval()
         self.global_centre = Centering(k, a.center_momentum)
         self.token_centre = Centering(k, a.center_momentum)
-        self.usage_floor = a.collapse_floor()  # read by the engine's collapse monitor
-        self.entropy_ceiling = a.collapse_ceiling()
         self._pending: dict[str, Tensor] = {}
         self.fit_provider(a.provider)  # e.g. affine: registered once, stored in the cache
 
@@ -307,3 +460,36 @@ class Alice(PretrainMethod):
         return ["loss_inter", "loss_intra", "loss_rec", "loss_koleo", "teacher_entropy", "prototype_usage",
                 "prototype_perplexity", "token_usage", "teacher_temperature", "momentum", "rejected_matches",
                 "match_confidence", "collapse_warning"]
+
+
+register_method("alice", Alice, section="alice", config=AliceConfig,
+                summary="cross-patient views, masked modelling, CASA, self-distillation")
+register_preset("alice-paper", {  # METHODS.md section 3 with the released code's values (research/alice.md section 0)
+    "method": "alice",
+    "steps": 10000,
+    # 64³ crops; the code pairs one scan with the previous batch's (batch 1 per GPU): we mine 8 pairs/step
+    "data": {"crop_size": [64, 64, 64], "workers": 8},
+    # nnU-Net widths with 5 stages: bottleneck 4³ = 64 query tokens and first decoder stage 8³ = 512
+    # key/value tokens at 64³, the token counts of nnFormer in the code
+    "model": {"preset": "nnunet-3d", "overrides": {"features_per_stage": [32, 64, 128, 256, 320],
+                                                   "strides": [1, 2, 2, 2, 2], "n_conv_per_stage": [2] * 5,
+                                                   "n_conv_per_stage_decoder": [2] * 4}},
+    # AdamW, weight decay 0.04 (the code's start value; it ramps to 0.4), clipping 3 (the code's is per
+    # parameter), warm-up then cosine
+    "optim": {"name": "adamw", "lr": 5e-4, "weight_decay": 0.04, "warmup_steps": 500, "min_lr": 1e-5,
+              "grad_clip": 3.0},
+    # the code's augmentations are computed and discarded: views are the plain crops
+    "augment": {"flip_prob": 0.0, "spatial_prob": 0.0, "brightness_prob": 0.0, "contrast_prob": 0.0,
+                "gamma_prob": 0.0, "noise_prob": 0.0, "blur_prob": 0.0, "context": 1.0},
+    "alice": {"pairs_per_batch": 8, "mask_ratio": 0.75, "mask_block": [16, 16], "slice_axis": 2,
+              "num_prototypes": 512, "head_hidden": 2048, "head_bottleneck": 256, "student_temperature": 0.1,
+              "teacher_temperature": 0.008, "teacher_temperature_end": 0.01,
+              "teacher_warmup_steps": 0.03,  # 30 of 1000 epochs
+              "freeze_last_layer_steps": 100,  # the code: 1 epoch (of 1000)
+              "center_momentum": 0.9, "momentum": 0.996, "momentum_end": 1.0, "casa_dim": 512,
+              "casa_heads": 8, "casa_dropout": 0.1, "teacher_casa": "shared", "decoder_stage": 0,
+              "inter_weight": 1.0, "intra_weight": 1.0, "rec_weight": 5.0, "rec_masked_only": False,
+              # the code pools the bottleneck alone and has no KoLeo term
+              "global_stages": 1, "koleo_weight": 0.0},
+    "log_every": 50, "checkpoint_every": 1000, "keep_every": 5000, "probe_every": 1000,
+})

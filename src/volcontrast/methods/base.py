@@ -1,25 +1,32 @@
 """What every pretraining method provides to the engine.
 
-A method is an ``nn.Module`` holding the backbone, its heads and any state (queues, momentum copies). The
-engine calls, per step: ``prepare(raw, step, gen, device)`` (device-side views, no autograd) ->
-``forward(batch) -> (loss, logs)`` (through DDP) -> ``after_step(step)``. Parts of the backbone a method does
-not train are frozen (``requires_grad=False``) so DDP and the optimiser never see them.
+A method is an ``nn.Module`` holding the backbone, its heads and any state (queues, momentum copies), registered
+by name in :mod:`volcontrast.methods.registry`. Before a run the engine calls the class's
+``validate_config(config)``; then it builds the method, asks it for its step sampler (``build_sampler``), its
+log columns and its collapse monitors (``monitors``), and calls, per step: ``prepare(raw, step, gen, device)``
+(device-side views, no autograd) -> ``forward(batch) -> (loss, logs)`` (through DDP) -> ``after_step(step)``.
+Parts of the backbone a method does not train are frozen (``requires_grad=False``) so DDP and the optimiser
+never see them.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from volcontrast import dist
-from volcontrast.engine.config import PretrainConfig
 from volcontrast.errors import InputError
+from volcontrast.methods.monitors import Monitor
 from volcontrast.nets.base import Backbone
 from volcontrast.spatial.correspondence import CorrespondenceProvider, get_provider
 from volcontrast.views.geometry import CaseTable
+from volcontrast.views.sampler import BoxSampler, BoxSamplerConfig, StepSampler, box_size_for
+
+if TYPE_CHECKING:  # the engine's config type, for annotations only (methods never import the engine)
+    from volcontrast.engine.config import PretrainConfig
 
 
 @torch.no_grad()
@@ -45,6 +52,25 @@ class PretrainMethod(nn.Module, abc.ABC):
         if not self.uses_decoder:
             for part in (backbone.decoder, backbone.seg_head):
                 part.requires_grad_(False)
+
+    @classmethod
+    def validate_config(cls, config: PretrainConfig) -> None:
+        """Raise :class:`~volcontrast.errors.InputError` for settings this method cannot run (its section and
+        the shared fields it depends on). Default: nothing to check."""
+
+    def build_sampler(self, cache_root: Any, pool: list[str], rank: int) -> StepSampler:
+        """The step-indexed sampler of raw boxes (run in DataLoader workers). Default: boxes of single scans,
+        ``data.volumes_per_batch`` volumes x ``data.crops_per_volume`` boxes per step and rank."""
+        c = self.config
+        crop = tuple(c.data.crop_size)
+        cfg = BoxSamplerConfig(crop_size=crop, box_size=box_size_for(crop, c.augment.context),
+                               volumes_per_batch=c.data.volumes_per_batch, crops_per_volume=c.data.crops_per_volume,
+                               dim=c.dim)
+        return BoxSampler(cache_root, pool, cfg, seed=c.seed, rank=rank, steps=c.steps)
+
+    def monitors(self) -> list[Monitor]:
+        """Collapse monitors the engine feeds every logged row (fresh objects: they count rows). Default: none."""
+        return []
 
     @abc.abstractmethod
     def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:

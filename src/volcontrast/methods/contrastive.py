@@ -15,20 +15,40 @@ index / number of slices of the resampled volume, paper parity); see :mod:`volco
 from __future__ import annotations
 
 import abc
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from volcontrast import dist
-from volcontrast.engine.config import PretrainConfig
+from volcontrast.errors import InputError
 from volcontrast.losses.info_nce import info_nce
 from volcontrast.methods.base import PretrainMethod
+from volcontrast.methods.monitors import ContrastiveCollapse, Monitor
+from volcontrast.methods.registry import register_method, register_preset
 from volcontrast.nets.base import Backbone
 from volcontrast.nets.heads import GlobalProjectionHead
 from volcontrast.spatial.masks import gcl_positive_mask, pcl_positive_mask, simclr_positive_mask, view_item_ids
 from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable, view_geometry
+
+if TYPE_CHECKING:
+    from volcontrast.engine.config import PretrainConfig
+
+@dataclass
+class ContrastConfig:
+    """SimCLR / GCL / PCL (METHODS.md sections 0-1)."""
+
+    temperature: float = 0.1
+    loss_scale: float = 1.0  # PCL code parity: temperature / 0.07
+    proj_dim: int = 128
+    proj_hidden: int = 0  # 0 = same as the encoder's deepest width
+    threshold: list[float] = field(default_factory=lambda: [0.1])  # PCL lambda (one, or one per axis)
+    position: str = "body"  # body | index
+    axes: str = "z"  # z (body axis) | xyz (3D crops, per-axis thresholds)
+    partitions: int = 4  # GCL
+
 
 DIAGNOSTICS = ["mean_positives", "pos_cosine", "neg_cosine", "collapse_value", "embedding_spread"]
 
@@ -41,6 +61,19 @@ class ContrastiveMethod(PretrainMethod):
         c = config.contrast
         width = backbone.encoder_channels[-1]
         self.head = GlobalProjectionHead(width, out_dim=c.proj_dim, hidden_dim=c.proj_hidden or width)
+
+    @classmethod
+    def validate_config(cls, config: PretrainConfig) -> None:
+        c = config.contrast
+        if c.position not in ("body", "index"):
+            raise InputError("contrast.position", "must be body or index")
+        if c.axes not in ("z", "xyz"):
+            raise InputError("contrast.axes", "must be z or xyz")
+        if not c.temperature > 0:
+            raise InputError("contrast.temperature", f"must be > 0, got {c.temperature}")
+
+    def monitors(self) -> list[Monitor]:
+        return [ContrastiveCollapse()]
 
     @abc.abstractmethod
     def positive_mask(self, positions: Tensor, item_ids: Tensor) -> Tensor:
@@ -104,3 +137,21 @@ class PCL(ContrastiveMethod):
         return pcl_positive_mask(positions, threshold if positions.ndim == 2 else threshold[0], item_ids)
 
 
+register_method("simclr", SimCLR, section="contrast", config=ContrastConfig,
+                summary="positive = the other view of the same crop/slice")
+register_method("gcl", GCL, section="contrast", summary="positive = same partition (of S) along the body axis")
+register_method("pcl", PCL, section="contrast", summary="positive iff normalised positions differ by < lambda")
+register_preset("pcl-paper", {
+    "method": "pcl",
+    "dim": 2,
+    "steps": 20000,
+    "data": {"crop_size": [256, 256], "volumes_per_batch": 8, "crops_per_volume": 4, "workers": 8},
+    "model": {"preset": "small"},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-5, "min_lr": 0.0},
+    "augment": {"flip_prob": 0.5, "flip_axes": [0, 1], "spatial_prob": 0.67, "rotation_deg": 180.0,
+                "scale_range": [0.7, 1.3], "elastic_prob": 1.0, "brightness_prob": 0.0, "contrast_prob": 0.0,
+                "gamma_prob": 0.0, "noise_prob": 0.0, "blur_prob": 0.0, "context": 1.5},
+    "contrast": {"temperature": 0.1, "loss_scale": 0.1 / 0.07, "proj_dim": 512, "threshold": [0.1],
+                 "position": "index", "axes": "z"},
+    "log_every": 50, "checkpoint_every": 1000, "probe_every": 2000,
+})

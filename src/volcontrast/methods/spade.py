@@ -1,7 +1,7 @@
 """Spade: spatially debiased global + local contrast (METHODS.md §2 — our interpretation of the paper).
 
 The paper's full text was not available to us; this follows its abstract and method figure,
-and every choice is a field of :class:`~volcontrast.engine.config.SpadeConfig`.
+and every choice is a field of :class:`SpadeConfig` (the ``spade:`` config section).
 
 Per item (a box cut from a cached scan) two **overlapping** views: centres shifted apart
 (:func:`~volcontrast.views.overlap.pair_shifts`, at least ``min_overlap`` of a crop shared), independent
@@ -32,7 +32,8 @@ radius to 0: plain MoCo-style global contrast and dense local contrast, the abla
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,12 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from volcontrast import dist
-from volcontrast.engine.config import PretrainConfig
 from volcontrast.errors import InputError
 from volcontrast.losses.distill import cosine_schedule
 from volcontrast.losses.info_nce import info_nce
 from volcontrast.losses.queue import MemoryQueue
 from volcontrast.methods.base import PretrainMethod, ema_update
+from volcontrast.methods.monitors import ContrastiveCollapse, Monitor
+from volcontrast.methods.registry import register_method
 from volcontrast.nets.base import Backbone
 from volcontrast.nets.heads import GlobalProjectionHead, ProjectionHead, ReconstructionHead, mlp_blocks
 from volcontrast.spatial.masks import friend_enemy_masks, simclr_positive_mask, view_item_ids
@@ -53,7 +55,56 @@ from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable, view_geometry
 from volcontrast.views.overlap import apply_maps, overlap_points, pair_shifts, sample_at
 
-__all__ = ["Spade", "SpadeNoDebias", "spade_global_masks"]
+if TYPE_CHECKING:
+    from volcontrast.engine.config import PretrainConfig
+
+# Spade's distance radii per correspondence provider (its units): r_friend, r_enemy, r_local
+SPADE_RADII: dict[str, tuple[float, float, float]] = {
+    "body": (0.05, 0.2, 0.03),  # fractions of the body box per axis
+    "index": (0.05, 0.2, 0.03),  # fractions of the whole scan per axis
+    "affine": (15.0, 60.0, 8.0),  # mm of the reference scan
+}
+
+
+@dataclass
+class SpadeConfig:
+    """Spade (METHODS.md section 2; our interpretation of the paper). Radii are in the provider's units
+    (:data:`SPADE_RADII`); ``None`` takes the provider's default."""
+
+    provider: str = "body"  # correspondence provider: body | affine | index (or a registered one)
+    debias: bool = True  # False: plain MoCo-style global + dense local contrast (the ablation)
+    min_overlap: float = 0.3  # each view pair overlaps by at least this fraction of a crop (before scaling)
+    momentum: float = 0.99  # momentum encoder, cosine schedule to momentum_end over the run
+    momentum_end: float = 0.999
+    global_weight: float = 1.0  # lambda_g (0 = no global branch)
+    global_dim: int = 128
+    global_hidden: int = 0  # 0 = the encoder's deepest width
+    global_batch_norm: bool = True  # BN in the head's hidden layer (keeps instance-normed encoders from collapsing)
+    global_temperature: float = 0.2
+    global_queue: int = 8192
+    r_friend: float | None = None  # queue/batch keys nearer than this are soft positives
+    r_enemy: float | None = None  # keys at least this far are negatives; in between: excluded
+    friend_sigma: float = 0.0  # soft-positive weight exp(-d^2 / 2 sigma^2); 0 = r_friend / 2
+    local_weight: float = 1.0  # lambda_l (0 = no local branch)
+    local_dim: int = 64
+    local_temperature: float = 0.2
+    local_points: int = 1024  # overlap voxels per step (per rank), spread evenly over the view pairs
+    local_queue: int = 16384
+    local_enqueue: int = 256  # local keys pushed into the queue per step (per rank)
+    r_local: float | None = None  # local negatives nearer than this to the anchor voxel are excluded
+    local_stage: int = -1  # decoder stage of the local features (-1 = full resolution, -2 = half, ...)
+    restore_weight: float = 1.0  # lambda_r (0 = no restoration head)
+
+    def radii(self) -> tuple[float, float, float]:
+        """(r_friend, r_enemy, r_local) with provider defaults filled in; all 0 without debiasing."""
+        if not self.debias:
+            return 0.0, 0.0, 0.0
+        default = SPADE_RADII.get(self.provider, SPADE_RADII["body"])
+        given = (self.r_friend, self.r_enemy, self.r_local)
+        return tuple(float(d if g is None else g) for g, d in zip(given, default))  # type: ignore[return-value]
+
+
+__all__ = ["SPADE_RADII", "Spade", "SpadeConfig", "SpadeNoDebias", "spade_global_masks"]
 
 
 def spade_global_masks(item_ids: Tensor, ref: Tensor, queue_ref: Tensor | None, r_friend: float, r_enemy: float,
@@ -81,6 +132,23 @@ class Spade(PretrainMethod):
     def uses_decoder(self) -> bool:  # type: ignore[override]
         sp = self.config.spade
         return sp.local_weight > 0 or sp.restore_weight > 0
+
+    @classmethod
+    def validate_config(cls, config: PretrainConfig) -> None:
+        sp = config.spade
+        if config.dim != 3:
+            raise InputError("--dim", "spade works on 3D crops only")
+        if not 0.0 < sp.min_overlap <= 1.0:
+            raise InputError("spade.min_overlap", f"must be in (0, 1], got {sp.min_overlap}")
+        r_friend, r_enemy, r_local = sp.radii()
+        if r_friend < 0 or r_enemy < r_friend or r_local < 0:
+            raise InputError("spade", f"need 0 <= r_friend <= r_enemy and r_local >= 0, got "
+                                      f"{r_friend}, {r_enemy}, {r_local}")
+        if sp.global_weight <= 0 and sp.local_weight <= 0 and sp.restore_weight <= 0:
+            raise InputError("spade", "every loss weight is 0; enable global, local or restore")
+
+    def monitors(self) -> list[Monitor]:
+        return [ContrastiveCollapse()] if self.config.spade.global_weight > 0 else []
 
     def __init__(self, backbone: Backbone, config: PretrainConfig, table: CaseTable):
         super().__init__(backbone, config, table)
@@ -264,3 +332,8 @@ class SpadeNoDebias(Spade):
     def __init__(self, backbone: Backbone, config: PretrainConfig, table: CaseTable):
         config.spade.debias = False
         super().__init__(backbone, config, table)
+
+
+register_method("spade", Spade, section="spade", config=SpadeConfig,
+                summary="cross-scan correspondences choose global + local positives/negatives (our interpretation)")
+register_method("spade-nodebias", SpadeNoDebias, section="spade", summary="Spade without spatial debiasing")

@@ -1,0 +1,84 @@
+"""Collapse monitors: something a method returns (``PretrainMethod.monitors``) and the engine feeds every logged
+row. A monitor counts consecutive logged rows that look collapsed and, after ``patience`` of them, flags the row
+(``collapse_warning``) and says once what is wrong.
+
+- :class:`ContrastiveCollapse` (InfoNCE methods): the loss sits at its all-embeddings-equal value *and* the
+  embeddings have no spread (many-positive masks such as GCL's can sit near that value while learning).
+- :class:`SelfDistillationCollapse` (Alice): the teacher sends every row to the same prototype (usage near
+  1/K) or gives every row the uniform distribution (entropy near ln K).
+- :class:`SignalCeiling` (VoCo): a logged similarity of features that should differ (e.g. the mean cosine
+  between base crops) stays at or above a ceiling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Monitor:
+    """Base: counts consecutive collapsed rows; ``update`` returns (flag, message the first time it trips)."""
+
+    count: int = field(default=0, init=False)
+
+    def collapsed(self, row: dict[str, float]) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def update(self, row: dict[str, float], judged: bool, patience: int) -> tuple[bool, str | None]:
+        what = self.collapsed(row) if judged else None
+        self.count = self.count + 1 if what is not None else 0
+        return self.count >= patience, (what if self.count == patience else None)
+
+
+@dataclass
+class ContrastiveCollapse(Monitor):
+    band: float = 0.01  # |loss - collapse_value| < band x collapse_value counts as "at the collapse value"
+
+    def collapsed(self, row: dict[str, float]) -> str | None:
+        if "collapse_value" not in row:
+            return None
+        value = row["collapse_value"]
+        near = abs(row["loss"] - value) < self.band * max(value, 1e-6)
+        spread = row.get("embedding_spread", 1.0)
+        if spread < 1e-3 or (near and spread < 0.05):
+            return (f"the loss sits at the collapse value {value:.4f} (all embeddings alike); lower the learning "
+                    "rate or check the augmentation")
+        return None
+
+
+@dataclass
+class SelfDistillationCollapse(Monitor):
+    usage_floor: float = 0.0  # warn when prototype_usage stays below this (0 = off)
+    entropy_ceiling: float = 0.0  # ... or teacher_entropy (nats) stays above this (0 = off)
+
+    def collapsed(self, row: dict[str, float]) -> str | None:
+        usage = row.get("prototype_usage", float("nan"))
+        entropy = row.get("teacher_entropy", float("nan"))
+        one = self.usage_floor > 0 and usage < self.usage_floor
+        uniform = self.entropy_ceiling > 0 and entropy > self.entropy_ceiling
+        if not (one or uniform):
+            return None
+        what = ("the teacher sends every crop to the same prototype" if one else
+                "the teacher's output is uniform for every crop")
+        return (f"self-distillation collapse: {what} (prototype usage {usage:.4f}, floor {self.usage_floor:.4f}; "
+                f"teacher entropy {entropy:.3f} nats, ceiling {self.entropy_ceiling:.3f}); lower the learning rate "
+                "or check the normalisation of the head's input (e.g. alice.global_batch_norm)")
+
+
+@dataclass
+class SignalCeiling(Monitor):
+    """Collapse when the method's ``column`` (a similarity in [0, 1]) stays at or above ``ceiling``."""
+
+    column: str = "collapse_signal"
+    ceiling: float = 0.99
+    message: str = "the features of different inputs are all alike"
+
+    def collapsed(self, row: dict[str, float]) -> str | None:
+        value = row.get(self.column, float("nan"))
+        if math.isnan(value) or value < self.ceiling:
+            return None
+        return f"{self.message} ({self.column} {value:.4f} >= {self.ceiling})"
+
+
+__all__ = ["ContrastiveCollapse", "Monitor", "SelfDistillationCollapse", "SignalCeiling"]
