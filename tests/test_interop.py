@@ -287,3 +287,44 @@ def test_load_run_backbone_of_a_pretraining_run(plans_run):
     assert meta["kind"] == "pretrain"
     for key, value in net.state_dict().items():
         assert torch.equal(got.state_dict()[key], value), key
+
+
+# --------------------------------------------------------------------------------- scans smaller than the patch
+
+
+def test_case_smaller_than_the_patch_is_padded_trains_and_predicts(tmp_path):
+    import nibabel as nib
+
+    from volcontrast.data.cache import Cache
+    from volcontrast.data.prepare import prepare_dataset
+    from volcontrast.engine.finetune import finetune, resolve_finetune_config
+    from volcontrast.engine.predict import predict_scans
+    from volcontrast.views.label_sampler import LabelledBoxSampler, LabelSamplerConfig
+
+    from helpers import write_nnunet
+
+    raw = write_nnunet(tmp_path / "raw", n=3, shape=(12, 10, 8))
+    prepare_dataset(raw, tmp_path / "cache", workers=1, progress=False)
+    cache = Cache(tmp_path / "cache")
+    cid = cache.ids[0]
+    shape = cache.image(cid).shape[1:]
+    assert all(s < 16 for s in shape)
+    crop, box = (16, 16, 16), (20, 20, 20)
+    sampler = LabelledBoxSampler(cache.root, [cid], LabelSamplerConfig(crop_size=crop, box_size=box, batch_size=2,
+                                                                       foreground_prob=0.5), seed=0, steps=8)
+    label = np.asarray(cache.label(cid))
+    for step in range(8):
+        batch = sampler[step]
+        assert batch["boxes"].shape == (2, 1, *box)
+        for labels, lower in zip(batch["label_boxes"], batch["box_lower"]):
+            inner = labels[2:18, 2:18, 2:18]  # the crop inside the box's context margin
+            assert np.bincount(inner.ravel(), minlength=3)[1:].tolist() == np.bincount(
+                label.ravel(), minlength=3)[1:].tolist()  # the whole case is inside the crop, padded around it
+            assert all(-(16 - s) - 2 <= lo <= -2 for lo, s in zip(lower, shape))
+    cfg = resolve_finetune_config("cpu-tiny", None, {"data": {"crop_size": list(crop)}, "steps": 2})
+    finetune(cache, tmp_path / "run", cfg, progress=False)
+    scan = raw / "imagesTr" / "case01_0000.nii.gz"
+    (out,) = predict_scans(tmp_path / "run", [scan], tmp_path / "pred", progress=False)
+    got, src = nib.load(str(out)), nib.load(str(scan))
+    assert got.shape == src.shape == (12, 10, 8)
+    np.testing.assert_array_equal(got.affine, src.affine)

@@ -133,6 +133,24 @@ def test_input_size_errors_are_clear():
         swin(torch.randn(1, 1, 32, 32, 32))
 
 
+def test_input_size_check_lists_every_constraint_once():
+    model = build_backbone("plain_unet", dim=3, preset="tiny", num_classes=2).train()
+    with pytest.raises(ValueError) as info:
+        model.check_input_size((12, 8, 4))
+    assert str(info.value) == (
+        "plain_unet: input spatial shape (12, 8, 4) does not fit the network (each axis a multiple of (8, 8, 8)): "
+        "axis 0: 12 is not a multiple of the total stride 8 (use 8 or 16); "
+        "axis 2: 4 is not a multiple of the total stride 8 (use 8); "
+        "the bottleneck (down-sampling (8, 8, 8)) would be 1 voxel, which instance norm cannot train on "
+        "(1-voxel bottleneck): make at least one axis 16 or larger")
+    # anisotropic strides (thick slices): each axis only needs its own total stride
+    aniso = build_backbone("plain_unet", dim=3, preset="tiny", num_classes=2, strides=[1, [2, 2, 1], 2, [2, 2, 1]])
+    assert aniso.min_input_multiple == (8, 8, 2)
+    assert aniso.input_size_problems((16, 16, 6)) == []
+    assert aniso.input_size_problems((16, 16, 5)) == ["axis 2: 5 is not a multiple of the total stride 2 (use 4 or 6)"]
+    assert model.input_size_problems((8, 8)) == ["needs 3 spatial axes, got 2"]
+
+
 @pytest.mark.parametrize("name", ["plain_unet", "resenc_unet", "swin_unetr"])
 def test_encoder_only_transfer_across_num_classes(name):
     source = _build(name, 2, num_classes=5)

@@ -222,3 +222,50 @@ def test_output_names_keep_the_format_where_possible(tmp_path):
     assert names == {"x.nii.gz": "x_seg.nii.gz", "x.nii": "x_seg.nii", "x.NRRD": "x_seg.nrrd", "x.mha": "x_seg.mha",
                      "x.mgz": "x_seg.nii.gz", "x.nhdr": "x_seg.nrrd", "x.mhd": "x_seg.mha",
                      "dicom_series": "dicom_series_seg.nii.gz"}
+
+
+def test_scan_smaller_than_the_patch_is_padded_and_keeps_its_geometry(run_dir, tmp_path):
+    """A 10x9x6 scan (after the body crop smaller still) under a 16³ patch: padded for the network, cropped back,
+    and the oracle's labels come back exactly in the scan's own grid."""
+    image, label, affine = phantom(shape=(10, 9, 6), spacing=(2.0, 2.0, 3.0), origin=(-10.0, -9.0, -9.0))
+    scan = save_volume(tmp_path / "small.nii.gz", image, affine, like=orientation_affine("LPS"))
+    ref = save_volume(tmp_path / "small_ref.nii.gz", label, affine, like=orientation_affine("LPS"))
+    preprocessing = read_json(run_dir / "model.json")["preprocessing"]
+
+    def predict(case, volume):  # the oracle, run through a window larger than the case on every axis
+        assert all(s < 16 for s in case.image.shape[1:])
+        reference = preprocess_scan(volume, preprocessing, label=load_volume(ref, label=True).array)
+        one_hot = torch.nn.functional.one_hot(torch.as_tensor(reference.label).long(), N_CLASSES)
+        return sliding_window_probabilities(lambda x: x, 12.0 * one_hot.permute(3, 0, 1, 2).float(), (16, 16, 16))
+
+    (out,) = predict_scans(run_dir, [scan], tmp_path / "oracle", progress=False, predictor=predict)
+    got, src = nib.load(str(out)), nib.load(str(scan))
+    assert got.shape == src.shape == (10, 9, 6)
+    np.testing.assert_array_equal(got.affine, src.affine)
+    np.testing.assert_array_equal(np.asanyarray(got.dataobj), np.asanyarray(nib.load(str(ref)).dataobj))
+    (out,) = predict_scans(run_dir, [scan], tmp_path / "model", progress=False)  # the real network pads too
+    got = nib.load(str(out))
+    assert got.shape == src.shape and np.array_equal(got.affine, src.affine)
+
+
+def test_predict_warns_once_when_a_scan_does_not_look_like_the_training_data(run_dir, tmp_path, capsys):
+    from volcontrast.engine.predict import training_data_mismatch
+
+    ct, _, affine = phantom(shape=(20, 18, 16), modality="ct")
+    mr, _, _ = phantom(shape=(20, 18, 16), modality="mr")
+    preprocessing = read_json(run_dir / "model.json")["preprocessing"]
+    ct_scan = save_volume(tmp_path / "ct.nii.gz", ct, affine)
+    mr_scan = save_volume(tmp_path / "mr.nii.gz", mr, affine)
+    wrong_units = np.where(ct > -500, ct * 20.0, ct).astype(np.float32)  # body in the wrong units, air as it was
+    shifted = save_volume(tmp_path / "shifted.nii.gz", wrong_units, affine)
+    predict_scans(run_dir, [ct_scan, mr_scan], tmp_path / "out", progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    p1 = float(np.percentile(mr, 1))
+    assert err == [f"warning: {mr_scan}: the model was trained on CT but this scan looks like MR (no air below "
+                   f"-500 HU: 1st percentile {p1:.0f}); its segmentation may be meaningless"]
+    assert training_data_mismatch(load_volume(ct_scan), preprocessing) is None
+    message = training_data_mismatch(load_volume(shifted), preprocessing)
+    assert message is not None and message.startswith("the median body intensity 8") and "far outside" in message
+    mr_model = {**preprocessing, "modality": "mr", "ct_stats": None}
+    assert training_data_mismatch(load_volume(mr_scan), mr_model) is None
+    assert "trained on MR but this scan looks like CT" in training_data_mismatch(load_volume(ct_scan), mr_model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -129,6 +130,38 @@ def preprocess_scan(
     if grid.is_identity():  # nothing to resample: preprocess_case would normalise the caller's array in place
         array = np.array(array, dtype=np.float32)
     return preprocess_case(dataclasses.replace(volume, array=array), label, preprocessing)
+
+
+def training_data_mismatch(volume: Volume, preprocessing: dict[str, Any], *, samples: int = 200_000) -> str | None:
+    """Why a scan does not look like the model's training data (one line), or None when it does.
+
+    Checks the modality (a CT scan has air below -500 HU in its darkest 1 %, as ``prepare`` guesses it) and, for
+    CT, whether the median of the scan's body voxels (above -500 HU) lies within the training data's intensity
+    window (``preprocessing.ct_stats``: the clip range of the training foreground), widened by its own width on
+    each side. MR models are z-scored per
+    scan, so only the modality is checked for them.
+    """
+    modality = preprocessing.get("modality")
+    array = volume.array if volume.array.ndim == 3 else volume.array[0]
+    flat = np.asarray(array, dtype=np.float32).ravel()
+    if flat.size > samples:  # a fixed, even subsample: fast on large scans and deterministic
+        flat = flat[:: flat.size // samples]
+    p1 = float(np.percentile(flat, 1))
+    looks = "ct" if p1 < -500 else "mr"
+    if modality in ("ct", "mr") and looks != modality:
+        why = "air below -500 HU" if looks == "ct" else "no air below -500 HU"
+        return (f"the model was trained on {modality.upper()} but this scan looks like {looks.upper()} ({why}: 1st "
+                f"percentile {p1:.0f}); its segmentation may be meaningless")
+    stats = preprocessing.get("ct_stats")
+    if modality == "ct" and stats:
+        body = flat[flat > -500]
+        if body.size:
+            median, lo, hi = float(np.median(body)), float(stats["clip_low"]), float(stats["clip_high"])
+            width = hi - lo  # the training window is the foreground's; a body median may sit a little outside it
+            if not lo - width <= median <= hi + width:
+                return (f"the median body intensity {median:.0f} HU is far outside the training data's range "
+                        f"{lo:.0f}..{hi:.0f} HU (wrong units or rescale?); its segmentation may be meaningless")
+    return None
 
 
 def canonical_voxel_map(meta: dict[str, Any]) -> np.ndarray:
@@ -297,7 +330,8 @@ def predict_scans(
             C-channel 4D files).
         out_dir: output folder (created).
         overlap, batch_size, device: sliding-window settings (device default: CUDA if available).
-        progress: print one line per finished scan (stderr).
+        progress: print one line per finished scan (stderr). A scan that does not look like the training data
+            (:func:`training_data_mismatch`) gets one ``warning: SCAN: ...`` line on stderr in any case.
         predictor: replaces the network (see :func:`predict_volume`).
 
     Returns:
@@ -323,6 +357,9 @@ def predict_scans(
     for i, (scan, target) in enumerate(zip(scan_paths, targets), start=1):
         t0 = time.perf_counter()
         volume = load_volume(scan, channels=channels if channels > 1 else None)
+        mismatch = training_data_mismatch(volume, model_json["preprocessing"])
+        if mismatch:
+            print(f"warning: {scan}: {mismatch}", file=sys.stderr, flush=True)
         labels = predict_volume(model, model_json, volume, overlap=overlap, batch_size=batch_size, device=device,
                                 predictor=predictor)
         out.mkdir(parents=True, exist_ok=True)

@@ -158,23 +158,36 @@ class Backbone(nn.Module, abc.ABC):
             "post_decoder_blocks": list(self.post_decoder_blocks.parameters()),
         }
 
-    def check_input_size(self, spatial_shape: Sequence[int]) -> None:
-        """Raise ValueError unless every spatial size is a multiple of :attr:`min_input_multiple`, and, in
-        training mode with instance norm, the bottleneck has more than one voxel (e.g. SwinUNETR at 32³)."""
-        bad = [(s, m) for s, m in zip(spatial_shape, self.min_input_multiple) if s % m]
-        if len(spatial_shape) != self.dim or bad:
-            raise ValueError(
-                f"{self.name}: input spatial shape {tuple(spatial_shape)} must have {self.dim} axes, each a "
-                f"multiple of {self.min_input_multiple}"
-            )
+    def input_size_problems(self, spatial_shape: Sequence[int]) -> list[str]:
+        """Every way ``spatial_shape`` does not fit the network (empty when it fits): the number of axes, each
+        axis that is not a multiple of the total stride (with the nearest sizes that are), and, in training
+        mode with instance norm, a one-voxel bottleneck."""
+        shape = tuple(int(s) for s in spatial_shape)
+        if len(shape) != self.dim:
+            return [f"needs {self.dim} spatial axes, got {len(shape)}"]
+        problems = []
+        for axis, (size, stride) in enumerate(zip(shape, self.min_input_multiple)):
+            if size % stride or size <= 0:
+                lower, upper = size // stride * stride, (size // stride + 1) * stride
+                use = f"{lower} or {upper}" if lower > 0 else f"{upper}"
+                problems.append(f"axis {axis}: {size} is not a multiple of the total stride {stride} (use {use})")
         if self.training and self._has_instance_norm():
-            bottleneck = math.prod(s // f for s, f in zip(spatial_shape, self.encoder_strides[-1]))
+            bottleneck = math.prod(max(s // f, 1) for s, f in zip(shape, self.encoder_strides[-1]))
             if bottleneck <= 1:
-                raise ValueError(
-                    f"{self.name}: input spatial shape {tuple(spatial_shape)} leaves a 1-voxel bottleneck "
-                    f"(down-sampling {self.encoder_strides[-1]}); instance norm cannot train on it — make at "
-                    f"least one axis {2 * self.min_input_multiple[0]} or larger"
-                )
+                problems.append(
+                    f"the bottleneck (down-sampling {self.encoder_strides[-1]}) would be 1 voxel, which instance "
+                    f"norm cannot train on (1-voxel bottleneck): make at least one axis "
+                    f"{2 * max(self.min_input_multiple)} or larger")
+        return problems
+
+    def check_input_size(self, spatial_shape: Sequence[int]) -> None:
+        """Raise ValueError listing every problem of :meth:`input_size_problems` in one message."""
+        problems = self.input_size_problems(spatial_shape)
+        if problems:
+            raise ValueError(
+                f"{self.name}: input spatial shape {tuple(int(s) for s in spatial_shape)} does not fit the network "
+                f"(each axis a multiple of {self.min_input_multiple}): " + "; ".join(problems)
+            )
 
     def _has_instance_norm(self) -> bool:
         if not hasattr(self, "_instance_norm"):

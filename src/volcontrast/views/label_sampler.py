@@ -2,7 +2,9 @@
 
 ``sampler[step]`` returns image boxes and the matching label boxes. With probability ``foreground_prob`` a
 crop is centred on a voxel of a randomly chosen foreground class present in the case (class locations are
-indexed once, subsampled), otherwise it is placed uniformly. Like :class:`~volcontrast.views.sampler.BoxSampler`
+indexed once, subsampled), otherwise it is placed uniformly. A case smaller than the crop along an axis is
+padded, as nnU-Net does: the crop is placed at a random offset that covers the whole case along that axis (image
+padded with the case's minimum, labels with background). Like :class:`~volcontrast.views.sampler.BoxSampler`
 it is a pure function of (seed, step, rank).
 """
 
@@ -41,6 +43,23 @@ def class_locations(label: np.ndarray, max_per_class: int, seed: int) -> dict[in
     return out
 
 
+def _lower_range(shape: np.ndarray, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Allowed crop origins per axis: ``[0, shape - crop]``, or ``[shape - crop, 0]`` where the case is smaller
+    than the crop (the crop then holds the whole axis, padded)."""
+    gap = np.asarray(shape) - np.asarray(crop)
+    return np.minimum(gap, 0), np.maximum(gap, 0)
+
+
+def _clip_lower(lower: np.ndarray, shape: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    lo, hi = _lower_range(shape, crop)
+    return np.clip(lower, lo, hi)
+
+
+def _uniform_lower(rng: np.random.Generator, shape: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    lo, hi = _lower_range(shape, crop)
+    return np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi)])
+
+
 class LabelledBoxSampler(StepSampler):
     """Step-indexed labelled batches: ``boxes`` (B, C, *box), ``label_boxes`` (B, *box) uint8, ``box_lower``
     (B, 3), ``case_index`` (B,)."""
@@ -50,7 +69,6 @@ class LabelledBoxSampler(StepSampler):
         super().__init__(cache_root, case_ids, seed=seed, rank=rank, steps=steps)
         self.config = config
         cache = self.cache
-        cache.check_min_size(config.crop_size, self.case_ids)
         missing = [cid for cid in self.case_ids if not cache.meta(cid).has_label]
         if missing:
             raise ValueError(f"cases without labels cannot be fine-tuned on: {missing[:5]}")
@@ -75,10 +93,10 @@ class LabelledBoxSampler(StepSampler):
                     pts = locs[list(locs)[int(rng.integers(len(locs)))]]
                     p = pts[int(rng.integers(len(pts)))]
                     z = int(p[2])
-                    lo = np.clip(p[:2] - crop // 2, 0, shape2 - crop)
+                    lo = _clip_lower(p[:2] - crop // 2, shape2, crop)
                 else:
                     z = int(rng.integers(shape[2]))
-                    lo = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape2, crop)])
+                    lo = _uniform_lower(rng, shape2, crop)
                 lo_box = lo - margin
                 boxes.append(cut_box(image[..., z], lo_box, cfg.box_size, self.pad_value(cid)))
                 labels.append(cut_box(label[None, ..., z], lo_box, cfg.box_size, 0.0)[0])
@@ -87,9 +105,9 @@ class LabelledBoxSampler(StepSampler):
                 if locs and rng.random() < cfg.foreground_prob:
                     pts = locs[list(locs)[int(rng.integers(len(locs)))]]
                     p = pts[int(rng.integers(len(pts)))]
-                    lo = np.clip(p - crop // 2, 0, shape - crop)
+                    lo = _clip_lower(p - crop // 2, shape, crop)
                 else:
-                    lo = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape, crop)])
+                    lo = _uniform_lower(rng, shape, crop)
                 lo_box = lo - margin
                 boxes.append(cut_box(image, lo_box, cfg.box_size, self.pad_value(cid)))
                 labels.append(cut_box(label[None], lo_box, cfg.box_size, 0.0)[0])
