@@ -159,10 +159,15 @@ def test_tiny_benchmark_writes_csv_table_png_and_resumes(phantom_cache, tmp_path
 
 def test_cli_finetune_evaluate(phantom_cache, tmp_path, capsys):
     args = ["finetune", str(phantom_cache), "--out", str(tmp_path / "run"), "--preset", "cpu-tiny", "--folds", "2",
-            "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "2", "--quiet"]
+            "--crop", "16", "--crop", "16", "--crop", "16", "--steps", "2", "--val", "1", "--scratch-lr", "5e-3",
+            "--lr-schedule", "cosine", "--quiet"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     assert exc.value.code == 0 and "fine-tuned 2 steps" in capsys.readouterr().err
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    cfg = load_yaml(tmp_path / "run" / "config.yaml")
+    assert len(split["validation"]) == 1 and split["label_budget"] == len(split["labeled"]) + 1
+    assert cfg["scratch_lr"] == 5e-3 and cfg["lr_schedule"] == "cosine" and cfg["val"] == 1
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", str(tmp_path / "run"), "--data", str(phantom_cache), "--quiet"])
     out = capsys.readouterr()

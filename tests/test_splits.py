@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from volcontrast.data.splits import Split, kfold_splits, label_budget, pretraining_pool
+from volcontrast.data.splits import Split, kfold_splits, label_budget, labelled_draw, pretraining_pool, validation_draw
 from volcontrast.errors import InputError
 
 IDS = [f"case{i:02d}" for i in range(23)]
@@ -73,6 +73,24 @@ def test_budget_errors():
         label_budget(split, len(split.train) + 1, seed=0)
     with pytest.raises(InputError, match="positive"):
         label_budget(split, 0, seed=0)
+
+
+def test_validation_draws_are_nested_inside_val_and_count_in_the_budget():
+    for split in kfold_splits(IDS, 3, seed=0, val_fraction=0.3):
+        previous: set[str] = set()
+        for n in range(len(split.val) + 1):
+            draw = validation_draw(split, n, seed=2)
+            assert len(draw) == n and draw == sorted(draw) and set(draw) <= set(split.val)
+            assert previous <= set(draw)
+            previous = set(draw)
+            both = labelled_draw(split, 2, n, seed=2)
+            assert both.train == label_budget(split, 2, seed=2) and both.val == draw and both.budget == 2 + n
+    split = kfold_splits(IDS, 3, seed=0)[0]
+    assert labelled_draw(split, 0, 0, seed=0).train == split.train  # 0 = every training case
+    with pytest.raises(InputError, match="non-negative"):
+        validation_draw(split, -1, seed=0)
+    with pytest.raises(InputError, match=f"exceed the {len(split.val)} validation cases"):
+        validation_draw(split, len(split.val) + 1, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -162,6 +162,9 @@ def finetune(
     out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
     init: str | None = typer.Option(None, "--init", help="A pretraining run folder, or 'scratch' (default)."),
     labeled: int | None = typer.Option(None, "--labeled", min=0, help="Labelled training volumes (0 = all)."),
+    val: int | None = typer.Option(None, "--val", min=0,
+                                   help="Labelled validation volumes for checkpoint choice (default 0: last weights); "
+                                        "they count in the label budget."),
     fold: int | None = typer.Option(None, "--fold", min=0, help="Test fold (never trained on)."),
     folds: int | None = typer.Option(None, "--folds", min=2, help="Number of folds (default 3)."),
     steps: int | None = typer.Option(None, "--steps", min=1),
@@ -176,6 +179,11 @@ def finetune(
     pdcr_stages: str | None = typer.Option(None, "--pdcr-stages", help="Encoder stages, 0-based (default 2,3)."),
     uafs: bool = typer.Option(False, "--uafs", help="Insert UAFS blocks after each decoder stage."),
     deep_supervision: bool = typer.Option(False, "--deep-supervision", help="Dice+CE on every decoder stage."),
+    lr: float | None = typer.Option(None, "--lr", help="Learning rate (optim.lr)."),
+    scratch_lr: float | None = typer.Option(None, "--scratch-lr", help="Learning rate when training from scratch."),
+    encoder_lr_scale: float | None = typer.Option(None, "--encoder-lr-scale",
+                                                  help="LR factor of a pretrained encoder (0.5)."),
+    lr_schedule: str | None = typer.Option(None, "--lr-schedule", help="poly (default) or cosine after the warm-up."),
     resume: bool = typer.Option(False, "--resume"),
     device: str | None = typer.Option(None, "--device"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -185,7 +193,9 @@ def finetune(
     from volcontrast.engine.finetune import finetune as run_finetune
     from volcontrast.engine.finetune import resolve_finetune_config
 
-    overrides = {"init": init, "labeled": labeled, "fold": fold, "folds": folds, "load": load, "dim": _dim(dim),
+    overrides = {"init": init, "labeled": labeled, "val": val, "fold": fold, "folds": folds, "load": load,
+                 "dim": _dim(dim), "optim": {"lr": lr}, "scratch_lr": scratch_lr,
+                 "encoder_lr_scale": encoder_lr_scale, "lr_schedule": lr_schedule,
                  "seed": seed, "device": device, "data": {"crop_size": list(crop) if crop else None},
                  "pdcr": pdcr or None, "pdcr_weight": pdcr_weight, "uafs": uafs or None,
                  "deep_supervision": deep_supervision or None,
@@ -288,12 +298,30 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         raise InputError(what, f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(what, f"expected comma-separated numbers, got {text!r}") from None
+
+
 @app.command()
 def benchmark(
     cache: Path = typer.Argument(..., help="Cache folder with labelled cases."),
     out: Path = typer.Option(..., "--out", help="Folder for runs, results.csv, results.md and results.png."),
     methods: str | None = typer.Option(None, "--methods", help="e.g. scratch,simclr,gcl,pcl,pcl@2d,scratch@2d."),
-    labeled: str | None = typer.Option(None, "--labeled", help="Label budgets, e.g. 1,2,4."),
+    labeled: str | None = typer.Option(None, "--labeled", help="Labelled training volumes per run, e.g. 1,2,4."),
+    val: int | None = typer.Option(None, "--val", min=0,
+                                   help="+ N labelled validation volumes per run for checkpoint choice (default 0); "
+                                        "the budget reported is M = labeled + val."),
+    lr_sweep: str | None = typer.Option(None, "--lr-sweep",
+                                        help="Sweep scratch's learning rate first over these values (e.g. "
+                                             "1e-3,3e-3,1e-2) on a fold's validation cases, never its test fold."),
+    scratch_lr: float | None = typer.Option(None, "--scratch-lr", help="Scratch's learning rate (skips a sweep)."),
+    eval_at: str | None = typer.Option(None, "--eval-at",
+                                       help="Shares of the fine-tuning steps scored on test (default 0.1,0.3,1)."),
     folds: int | None = typer.Option(None, "--folds", min=2),
     run_folds: str | None = typer.Option(None, "--run-folds", help="Only these folds, e.g. 0,1."),
     seeds: str | None = typer.Option(None, "--seeds", help="e.g. 0,1,2."),
@@ -320,7 +348,8 @@ def benchmark(
         "labeled": _int_list(labeled, "--labeled"), "folds": folds, "run_folds": _int_list(run_folds, "--run-folds"),
         "seeds": _int_list(seeds, "--seeds"), "pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps,
         "pretrain_preset": pretrain_preset, "finetune_preset": finetune_preset,
-        "transductive": transductive or None,
+        "transductive": transductive or None, "val": val, "scratch_lr": scratch_lr,
+        "lr_sweep": _float_list(lr_sweep, "--lr-sweep"), "eval_at": _float_list(eval_at, "--eval-at"),
     }
     try:
         cfg = config_with(base, over)

@@ -284,7 +284,8 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
         scores.append(_nanmean(dice))
     best = max(range(len(lrs)), key=lambda i: (scores[i] if not math.isnan(scores[i]) else -1.0, -lrs[i]))
     atomic_write_json(record, {"lrs": lrs, "dice": scores, "chosen": lrs[best], "budgets": list(config.labeled),
-                               "where": f"fold {fold} validation cases {dev}, seed {seed}", "steps": steps})
+                               "where": f"fold {fold} validation cases, seed {seed}", "fold": fold, "cases": dev,
+                               "steps": steps})
     log(f"[lr sweep] scratch learning rate {lrs[best]:g} (mean development Dice {scores[best]:.4f})")
     return lrs[best]
 

@@ -88,6 +88,9 @@ def _read_header(path: Path) -> list[str]:
         first = f.readline()
     header = next(csv.reader([first]), [])
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing == ["case"]:
+        raise InputError(path, "a results.csv of an older volcontrast (one row per cell, no per-case Dice); "
+                               "move it (and its runs/ folder) away to rerun under the current protocol")
     if missing:
         raise InputError(path, f"not a volcontrast results.csv: header lacks {', '.join(missing)}")
     return header

@@ -1,0 +1,219 @@
+"""The few-label protocol of issue 17: every label counts, paired bootstrap statistics, gain verdicts, the
+fine-tuning recipe's learning-rate schedule, convergence, and the same results for the same seed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from volcontrast.bench.benchmark import BenchmarkConfig, run_benchmark, snapshot_steps
+from volcontrast.bench.report import (
+    STANDARD_COLUMNS,
+    append_results,
+    bootstrap_ci,
+    gain_label,
+    paired_stats,
+    read_results,
+    training_converged,
+    write_report,
+)
+from volcontrast.data.cache import open_cache
+from volcontrast.data.splits import kfold_splits, labelled_draw, validation_draw
+from volcontrast.engine import trainer as trainer_mod
+from volcontrast.engine.config import resolve_pretrain_config
+from volcontrast.engine.finetune import finetune, finetune_loop_settings, resolve_finetune_config
+from volcontrast.engine.pretrain import pretrain
+from volcontrast.engine.trainer import LoopSettings, lr_at
+from volcontrast.errors import InputError
+
+QUIET = {"progress": False, "log": lambda m: None}
+
+# --------------------------------------------------------------------------------------------- label budget
+
+
+def test_labelled_draw_counts_validation_volumes_in_the_budget():
+    split = kfold_splits([f"c{i:02d}" for i in range(30)], 3, seed=0, val_fraction=0.3)[1]
+    draw = labelled_draw(split, train=1, val=2, seed=4)
+    assert draw.budget == 3 and len(draw.ids) == 3
+    assert set(draw.train) <= set(split.train) and set(draw.val) <= set(split.val)
+    assert draw.val == validation_draw(split, 2, seed=4) and set(draw.val) < set(validation_draw(split, 3, 4))
+    assert labelled_draw(split, train=2, val=0, seed=4).budget == 2 and labelled_draw(split, 2, 0, 4).val == []
+    with pytest.raises(InputError, match="exceed the 6 validation cases of fold 1"):
+        validation_draw(split, 7, seed=0)
+
+
+def test_benchmark_with_val_records_three_labelled_ids_and_says_m3(synth_cache, tmp_path):
+    _, cache = synth_cache  # 6 cases, 2 folds: 3 non-test cases -> 1 training + 2 validation at val_fraction 0.6
+    cfg = BenchmarkConfig(methods=["scratch"], labeled=[1], val=2, folds=2, run_folds=[0], seeds=[0],
+                          finetune_preset="cpu-tiny", finetune_steps=2, eval_at=[1.0],
+                          finetune={"data": {"crop_size": [16, 16, 16]}, "val_fraction": 0.6, "val_every": 1})
+    rows = read_results(run_benchmark(cache, tmp_path / "b", cfg, **QUIET))
+    assert {(r["labeled"], r["val"]) for r in rows} == {(3, 2)}
+    split = json.loads((tmp_path / "b" / "runs" / "fold0_seed0" / "finetune_scratch_M3v2" / "split.json").read_text())
+    assert len(split["labeled"]) == 1 and len(split["validation"]) == 2 and split["label_budget"] == 3
+    assert not set(split["labeled"]) & set(split["validation"])
+    assert {r["checkpoint"] for r in rows} == {"best"}  # the validation volumes chose the checkpoint
+    md = (tmp_path / "b" / "results.md").read_text(encoding="utf-8")
+    assert "| method | M=3 (2 val) |" in md and "validation volumes for checkpoint choice included" in md
+    with open(tmp_path / "b" / "results.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:len(STANDARD_COLUMNS)] == list(STANDARD_COLUMNS) and header[len(STANDARD_COLUMNS):]
+    assert all(h.startswith("dice_") for h in header[len(STANDARD_COLUMNS):])
+
+
+def test_every_fold_is_checked_before_the_first_run(phantom_cache, tmp_path):
+    cfg = BenchmarkConfig(methods=["scratch"], labeled=[1], val=3, folds=2, finetune_preset="cpu-tiny")
+    with pytest.raises(InputError, match="validation volumes exceed"):
+        run_benchmark(phantom_cache, tmp_path / "b", cfg, **QUIET)
+    assert not (tmp_path / "b" / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------ paired statistics
+
+
+def _hand_table(path, diff, rng):
+    """scratch and pcl on 2 folds x 2 seeds x 3 cases; pcl = scratch + diff(fold, seed, case)."""
+    rows, expected = [], []
+    for fold in (0, 1):
+        for seed in (0, 1):
+            for k in range(3):
+                case = f"f{fold}c{k}"
+                base = float(rng.uniform(0.4, 0.7))
+                d = diff(fold, seed, k)
+                expected.append(d)
+                for method, dice in (("scratch", base), ("pcl", base + d)):
+                    rows.append({"method": method, "labeled": 1, "fold": fold, "seed": seed, "at": 1.0,
+                                 "case": case, "dice": dice, "hd95": 1.0, "n_test": 3})
+    append_results(path, rows)
+    return np.asarray(expected)
+
+
+def test_bootstrap_ci_equals_a_direct_numpy_computation(tmp_path, rng):
+    d = _hand_table(tmp_path / "r.csv", lambda f, s, k: [0.05, -0.02, 0.11][k] * (1 + f) - 0.01 * s, rng)
+    idx = np.random.default_rng(0).integers(0, d.size, size=(2000, d.size))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    assert bootstrap_ci(d) == pytest.approx((lo, hi), abs=1e-12)
+    [rec] = paired_stats(read_results(tmp_path / "r.csv"))
+    assert rec["method"] == "pcl" and rec["baseline"] == "scratch" and rec["n"] == 12
+    assert rec["diff"] == pytest.approx(d.mean()) and (rec["lo"], rec["hi"]) == pytest.approx((lo, hi), abs=1e-9)
+    assert (rec["wins"], rec["losses"]) == (int((d > 0).sum()), int((d < 0).sum()))
+    assert bootstrap_ci(d) == bootstrap_ci(d)  # seeded: deterministic
+    assert math.isnan(bootstrap_ci(np.array([0.3]))[0])
+
+
+def test_gain_is_called_only_when_the_ci_excludes_zero(tmp_path, rng):
+    assert gain_label(0.001, 0.05) == "gain" and gain_label(-0.05, -0.001) == "loss"
+    assert gain_label(-0.01, 0.05) == "no clear difference" and gain_label(0.0, 0.05) == "no clear difference"
+    assert gain_label(math.nan, math.nan) == "n/a"
+    _hand_table(tmp_path / "gain.csv", lambda f, s, k: 0.05 + 0.01 * k, rng)
+    md = write_report(tmp_path / "gain.csv", tmp_path / "g", n_boot=200)[0].read_text(encoding="utf-8")
+    assert "| gain |" in md and "a gain beyond noise" in md
+    _hand_table(tmp_path / "noise.csv", lambda f, s, k: (-1) ** (k + s) * 0.05, rng)
+    md = write_report(tmp_path / "noise.csv", tmp_path / "n", n_boot=200)[0].read_text(encoding="utf-8")
+    assert "| no clear difference |" in md and "not a gain" in md and "| gain |" not in md
+
+
+# ---------------------------------------------------------------------------------------- recipe and schedule
+
+
+@pytest.mark.parametrize("schedule", ["poly", "cosine"])
+def test_lr_schedule_follows_its_formula(schedule):
+    s = LoopSettings(steps=50, lr=1e-2, min_lr=1e-4, warmup_steps=10, schedule=schedule, poly_power=0.9)
+    for step in range(10):
+        assert lr_at(step, s) == pytest.approx(1e-2 * (step + 1) / 10)
+    for step in (10, 23, 37, 49):
+        t = (step - 10) / 40
+        want = (1e-4 + (1e-2 - 1e-4) * (1 - t) ** 0.9 if schedule == "poly"
+                else 1e-4 + 0.5 * (1e-2 - 1e-4) * (1 + math.cos(math.pi * t)))
+        assert lr_at(step, s) == pytest.approx(want)
+
+
+def test_recipe_settings_scratch_lr_and_warmup_share():
+    cfg = resolve_finetune_config("cpu-tiny", None, {"steps": 40, "warmup_fraction": 0.25, "scratch_lr": 7e-3,
+                                                     "optim": {"lr": 2e-3}})
+    s = finetune_loop_settings(cfg)
+    assert (s.lr, s.warmup_steps, s.schedule, s.poly_power) == (7e-3, 10, "poly", 0.9)
+    pre = resolve_finetune_config("cpu-tiny", None, {"steps": 40, "scratch_lr": 7e-3, "init": "some/run"})
+    assert finetune_loop_settings(pre).lr == pre.optim.lr  # scratch's own lr is for scratch only
+    assert snapshot_steps(300, [0.1, 0.3, 1.0]) == [30, 90] and snapshot_steps(4, [0.1, 1.0]) == [1]
+    with pytest.raises(InputError, match="poly or cosine"):
+        resolve_finetune_config("cpu-tiny", None, {"lr_schedule": "step"})
+
+
+def test_pretrained_encoder_runs_at_its_lr_scale(phantom_cache, tmp_path, monkeypatch):
+    pre = tmp_path / "pre"
+    pretrain(phantom_cache, pre, resolve_pretrain_config("cpu-tiny", None, {
+        "steps": 2, "data": {"crop_size": [16, 16, 16]}, "probe_crops": 0}), progress=False)
+    made = []
+    real = trainer_mod.build_optimizer
+
+    def spy(params, s, device):
+        made.append((params, real(params, s, device), s))
+        return made[-1][1]
+
+    monkeypatch.setattr(trainer_mod, "build_optimizer", spy)
+    cfg = resolve_finetune_config("cpu-tiny", None, {
+        "init": str(pre), "folds": 2, "steps": 5, "warmup_fraction": 0.4, "encoder_lr_scale": 0.25,
+        "optim": {"lr": 1e-2}, "data": {"crop_size": [16, 16, 16]}, "log_every": 1})
+    finetune(phantom_cache, tmp_path / "ft", cfg, progress=False)
+    groups, opt, s = made[-1]
+    last = 1e-2 * (1 - (4 - 2) / 3) ** 0.9  # step 4 of 5: warm-up 2 steps, then poly over 3
+    assert lr_at(4, s) == pytest.approx(last)
+    enc = {id(p) for p in groups[0]["params"]}
+    for g in opt.param_groups:
+        scale = 0.25 if all(id(p) in enc for p in g["params"]) else 1.0
+        assert g["lr"] == pytest.approx(last * scale)
+    assert {g["lr_scale"] for g in opt.param_groups} == {0.25, 1.0}
+
+
+# ------------------------------------------------------------------------------------------------ convergence
+
+
+def test_converged_flag_follows_the_least_squares_rise():
+    steps = np.arange(5, 101, 5)  # last 20% of 100 steps: the points at 85, 90, 95, 100
+    saturating = 0.9 - 0.8 * np.exp(-steps / 10)  # rises ~0.0016 Dice over the window
+    assert training_converged(steps, saturating, 100)
+    assert not training_converged(steps, np.linspace(0.1, 0.9, steps.size), 100)  # still climbing
+    s = np.arange(1, 101)
+    v = 0.8 + 0.0009 * s  # a straight line rising 0.018 Dice over the last 20 steps
+    assert training_converged(s, v, 100, tol=0.02) and not training_converged(s, v, 100, tol=0.015)
+    assert training_converged(s, v[::-1], 100, tol=0.02) and not training_converged(s, v[::-1], 100, tol=0.015)
+    assert not training_converged([90, 100], [0.9, 0.9], 100)  # fewer than 3 points: not judged converged
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+
+
+def test_same_seed_and_config_give_the_same_results_csv(phantom_cache, tmp_path):
+    cfg = BenchmarkConfig(methods=["scratch"], labeled=[1], folds=2, run_folds=[1], seeds=[3],
+                          finetune_preset="cpu-tiny", finetune_steps=3, eval_at=[0.5, 1.0],
+                          finetune={"data": {"crop_size": [16, 16, 16]}, "log_every": 1})
+    a = read_results(run_benchmark(phantom_cache, tmp_path / "a", cfg, **QUIET))
+    b = read_results(run_benchmark(phantom_cache, tmp_path / "b", cfg, **QUIET))
+    drop = ("seconds", "finetune_run")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in b]
+    assert len(a) == 2 * a[0]["n_test"]
+
+
+def test_cli_scratch_lr_sweep_uses_development_cases_and_is_recorded(phantom_cache, tmp_path, capsys):
+    from volcontrast.cli import main
+
+    (tmp_path / "b.yaml").write_text("finetune:\n  data:\n    crop_size: [16, 16, 16]\n  log_every: 1\n")
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", str(phantom_cache), "--out", str(out), "--methods", "scratch", "--labeled", "1",
+              "--folds", "2", "--run-folds", "1", "--finetune-preset", "cpu-tiny", "--finetune-steps", "2",
+              "--lr-sweep", "1e-3,1e-2", "--eval-at", "1", "--config", str(tmp_path / "b.yaml"), "--quiet"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    sweep = json.loads((out / "lr_sweep.json").read_text())
+    split = kfold_splits(open_cache(phantom_cache).labelled_ids, 2, seed=0)[1]
+    assert sweep["lrs"] == [1e-3, 1e-2] and sweep["chosen"] in sweep["lrs"] and len(sweep["dice"]) == 2
+    assert sweep["cases"] == split.val and not set(sweep["cases"]) & set(split.test)  # never the test fold
+    rows = read_results(out / "results.csv")
+    assert {r["lr"] for r in rows} == {sweep["chosen"]}
+    assert f"Scratch learning rate {sweep['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
