@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from volcontrast.bench.benchmark import BenchmarkConfig, run_benchmark, snapshot_steps
 from volcontrast.bench.report import (
@@ -25,7 +26,12 @@ from volcontrast.data.cache import open_cache
 from volcontrast.data.splits import kfold_splits, labelled_draw, validation_draw
 from volcontrast.engine import trainer as trainer_mod
 from volcontrast.engine.config import resolve_pretrain_config
-from volcontrast.engine.finetune import finetune, finetune_loop_settings, resolve_finetune_config
+from volcontrast.engine.finetune import (
+    build_segmentation_backbone,
+    finetune,
+    finetune_loop_settings,
+    resolve_finetune_config,
+)
 from volcontrast.engine.pretrain import pretrain
 from volcontrast.engine.trainer import LoopSettings, lr_at
 from volcontrast.errors import InputError
@@ -217,3 +223,43 @@ def test_cli_scratch_lr_sweep_uses_development_cases_and_is_recorded(phantom_cac
     rows = read_results(out / "results.csv")
     assert {r["lr"] for r in rows} == {sweep["chosen"]}
     assert f"Scratch learning rate {sweep['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ frozen probe
+
+
+def test_frozen_probe_leaves_every_encoder_tensor_bit_identical(phantom_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    pre = tmp_path / "pre"
+    pretrain(phantom_cache, pre, resolve_pretrain_config("cpu-tiny", None, {
+        "steps": 2, "data": {"crop_size": [16, 16, 16]}, "probe_crops": 0}), progress=False)
+    cfg = resolve_finetune_config("cpu-tiny", None, {
+        "init": str(pre), "folds": 2, "steps": 3, "freeze_encoder": True, "optim": {"lr": 1e-2},
+        "data": {"crop_size": [16, 16, 16]}})
+    finetune(phantom_cache, tmp_path / "ft", cfg, progress=False)
+    before = {k[len("backbone."):]: v for k, v in load_file(str(pre / "model.safetensors")).items()
+              if k.startswith("backbone.encoder.")}
+    after = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())  # weights and norm buffers
+    fresh, _ = build_segmentation_backbone(open_cache(phantom_cache), cfg)
+    moved = [k for k, v in fresh.state_dict().items() if k.startswith("decoder.") and k in after
+             and v.is_floating_point() and not torch.equal(after[k], v)]
+    assert moved  # the decoder did train
+
+
+def test_baseline_pairs_variants_and_dimension_with_their_own_scratch():
+    from volcontrast.bench.report import baseline_of
+
+    methods = ["scratch", "scratch+frozen", "scratch@2d", "pcl", "pcl+frozen", "pcl@2d", "pcl+pdcr"]
+    assert baseline_of("pcl", methods) == "scratch" and baseline_of("pcl+frozen", methods) == "scratch+frozen"
+    assert baseline_of("pcl@2d", methods) == "scratch@2d" and baseline_of("pcl+pdcr", methods) == "scratch"
+    assert baseline_of("scratch+frozen", methods) is None and baseline_of("pcl", ["pcl"]) is None
+
+
+def test_a_crop_larger_than_a_case_stops_the_benchmark_before_any_run(phantom_cache, tmp_path):
+    cfg = BenchmarkConfig(methods=["scratch", "pcl"], labeled=[1], folds=2, pretrain_preset="cpu-tiny",
+                          finetune_preset="cpu-tiny", pretrain={"data": {"crop_size": [64, 64, 64]}})
+    with pytest.raises(InputError, match="smaller than the requested crop"):
+        run_benchmark(phantom_cache, tmp_path / "b", cfg, **QUIET)
+    assert not (tmp_path / "b" / "runs").exists()

@@ -184,6 +184,8 @@ def finetune(
     encoder_lr_scale: float | None = typer.Option(None, "--encoder-lr-scale",
                                                   help="LR factor of a pretrained encoder (0.5)."),
     lr_schedule: str | None = typer.Option(None, "--lr-schedule", help="poly (default) or cosine after the warm-up."),
+    freeze_encoder: bool = typer.Option(False, "--freeze-encoder",
+                                        help="Frozen-encoder probe: the decoder trains, the encoder never changes."),
     resume: bool = typer.Option(False, "--resume"),
     device: str | None = typer.Option(None, "--device"),
     quiet: bool = typer.Option(False, "--quiet"),
@@ -196,6 +198,7 @@ def finetune(
     overrides = {"init": init, "labeled": labeled, "val": val, "fold": fold, "folds": folds, "load": load,
                  "dim": _dim(dim), "optim": {"lr": lr}, "scratch_lr": scratch_lr,
                  "encoder_lr_scale": encoder_lr_scale, "lr_schedule": lr_schedule,
+                 "freeze_encoder": freeze_encoder or None,
                  "seed": seed, "device": device, "data": {"crop_size": list(crop) if crop else None},
                  "pdcr": pdcr or None, "pdcr_weight": pdcr_weight, "uafs": uafs or None,
                  "deep_supervision": deep_supervision or None,
@@ -322,6 +325,8 @@ def benchmark(
     scratch_lr: float | None = typer.Option(None, "--scratch-lr", help="Scratch's learning rate (skips a sweep)."),
     eval_at: str | None = typer.Option(None, "--eval-at",
                                        help="Shares of the fine-tuning steps scored on test (default 0.1,0.3,1)."),
+    eval_mode: str | None = typer.Option(None, "--eval",
+                                         help="finetune (default) or frozen (the frozen-encoder probe, every method)."),
     folds: int | None = typer.Option(None, "--folds", min=2),
     run_folds: str | None = typer.Option(None, "--run-folds", help="Only these folds, e.g. 0,1."),
     seeds: str | None = typer.Option(None, "--seeds", help="e.g. 0,1,2."),
@@ -350,6 +355,7 @@ def benchmark(
         "pretrain_preset": pretrain_preset, "finetune_preset": finetune_preset,
         "transductive": transductive or None, "val": val, "scratch_lr": scratch_lr,
         "lr_sweep": _float_list(lr_sweep, "--lr-sweep"), "eval_at": _float_list(eval_at, "--eval-at"),
+        "eval": eval_mode,
     }
     try:
         cfg = config_with(base, over)

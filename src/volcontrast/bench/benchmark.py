@@ -59,6 +59,7 @@ class BenchmarkConfig:
     scratch_lr: float = 0.0  # scratch's own learning rate (0 = the fine-tuning config's optim.lr)
     lr_sweep: list[float] = field(default_factory=list)  # candidates: sweep scratch's lr first (dev cases)
     converge_tol: float = CONVERGE_TOL  # training Dice flat within this over the last 20% of the steps
+    eval: str = "finetune"  # finetune | frozen (every method as ``+frozen``: encoder fixed, decoder trained)
     folds: int = 3
     run_folds: list[int] = field(default_factory=list)  # subset of folds to run (empty = all)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -77,7 +78,7 @@ class BenchmarkConfig:
     finetune_2d: dict[str, Any] = field(default_factory=dict)  # extra overrides for @2d fine-tuning
 
 
-FINETUNE_VARIANTS = ("pdcr", "uafs")
+FINETUNE_VARIANTS = ("pdcr", "uafs", "frozen")  # frozen: the frozen-encoder probe (decoder trained only)
 
 
 def parse_method(spec: str, default_dim: int) -> tuple[str, int, tuple[str, ...]]:
@@ -88,7 +89,7 @@ def parse_method(spec: str, default_dim: int) -> tuple[str, int, tuple[str, ...]
         raise InputError("--methods", f"unknown method {name!r}; choose scratch or one of {', '.join(list_methods())}")
     bad = [v for v in variants if v not in FINETUNE_VARIANTS]
     if bad:
-        raise InputError("--methods", f"unknown variant {bad[0]!r} in {spec!r}; use +pdcr and/or +uafs")
+        raise InputError("--methods", f"unknown variant {bad[0]!r} in {spec!r}; use +pdcr, +uafs and/or +frozen")
     if dim and dim.lower() not in ("2d", "3d"):
         raise InputError("--methods", f"bad dimension in {spec!r}; use @2d or @3d")
     return name, int(dim[0]) if dim else default_dim, tuple(sorted(set(variants)))
@@ -106,11 +107,21 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.eval not in ("finetune", "frozen"):
+        raise InputError("--eval", f"must be finetune or frozen, got {config.eval!r}")
     specs = [parse_method(m, config.dim) for m in config.methods]
+    if config.eval == "frozen":
+        specs = [(name, dim, tuple(sorted({*variants, "frozen"}))) for name, dim, variants in specs]
     splits = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
                           val_fraction=_finetune_config(config, "scratch", 0, 0, 0, config.dim).val_fraction)
     folds = config.run_folds or list(range(config.folds))
     check_protocol(splits, folds, config)
+    for fold in folds:  # every pretraining crop fits every image of every fold's pool, before any run starts
+        pool = pretraining_pool(splits[fold], cache.ids, config.transductive)
+        for name, dim, _ in specs:
+            if name != "scratch":
+                crop = tuple(_pretrain_config(config, name, dim, config.seeds[0], pool).data.crop_size)
+                cache.check_min_size(crop, pool)
     if config.lr_sweep and not config.scratch_lr:
         config = merge(config, {"scratch_lr": sweep_scratch_lr(cache, out, config, progress=progress, log=log)})
     atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
@@ -185,7 +196,8 @@ def _finetune_config(config: BenchmarkConfig, init: str, budget: int, fold: int,
                      variants: tuple[str, ...] = (), lr: float | None = None):
     over = merge_dicts(config.finetune, config.finetune_2d if dim == 2 else {})
     over.update({"init": init, "labeled": budget, "val": config.val, "fold": fold, "folds": config.folds,
-                 "seed": seed, "split_seed": config.split_seed, "dim": dim, **{v: True for v in variants}})
+                 "seed": seed, "split_seed": config.split_seed, "dim": dim,
+                 **{("freeze_encoder" if v == "frozen" else v): True for v in variants}})
     if config.finetune_steps:
         over["steps"] = config.finetune_steps
     if lr is not None:
@@ -297,15 +309,19 @@ def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pretrain_cell(cache: Cache, run: Path, config: BenchmarkConfig, method: str, dim: int, seed: int,
-                   pool: list[str], progress: bool, log) -> Path:
+def _pretrain_config(config: BenchmarkConfig, method: str, dim: int, seed: int, pool: list[str]):
     over = merge_dicts(config.pretrain, config.pretrain_2d if dim == 2 else {})
     if config.pretrain_steps:
         over["steps"] = config.pretrain_steps
     over = merge_dicts(over, config.pretrain_by_method.get(method, {}))
     over.update({"method": method, "dim": dim, "seed": seed})
     over.setdefault("data", {})["pool"] = pool
-    cfg = resolve_pretrain_config(config.pretrain_preset, None, over)
+    return resolve_pretrain_config(config.pretrain_preset, None, over)
+
+
+def _pretrain_cell(cache: Cache, run: Path, config: BenchmarkConfig, method: str, dim: int, seed: int,
+                   pool: list[str], progress: bool, log) -> Path:
+    cfg = _pretrain_config(config, method, dim, seed, pool)
     if _complete(run, cfg.steps):
         return run
     if RunDir(run).exists():

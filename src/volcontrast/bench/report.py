@@ -299,15 +299,18 @@ def summary_table(rows: Sequence[Mapping[str, Any]], metric: str = "dice", digit
 
 
 def baseline_of(method: str, methods: Iterable[str]) -> str | None:
-    """The scratch run a method is paired with: ``scratch@2d`` for a ``@2d`` method when present, else
-    ``scratch``; None for scratch itself or when no scratch was run."""
-    if method.split("+")[0].split("@")[0] == "scratch":
+    """The scratch run a method is paired with, the first present of: scratch with the same fine-tuning variants
+    and dimension (``pcl+frozen@2d`` -> ``scratch+frozen@2d``), scratch with the same dimension, ``scratch``;
+    None for scratch itself or when no scratch was run."""
+    head, _, dim = method.partition("@")
+    name, *variants = head.split("+")
+    if name == "scratch":
         return None
-    methods = set(methods)
-    dim = method.partition("@")[2]
-    if dim and f"scratch@{dim}" in methods:
-        return f"scratch@{dim}"
-    return "scratch" if "scratch" in methods else None
+    suffix = f"@{dim}" if dim else ""
+    for candidate in ("+".join(["scratch", *variants]) + suffix, "scratch" + suffix, "scratch"):
+        if candidate in set(methods):
+            return candidate
+    return None
 
 
 def paired_differences(rows: Iterable[Mapping[str, Any]], method: str, baseline: str, budget: Budget,

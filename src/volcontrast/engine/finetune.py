@@ -75,6 +75,7 @@ class FinetuneConfig:
     warmup_fraction: float = 0.1  # linear warm-up of the whole network over this share of the steps (0: optim's)
     snapshots: list[int] = field(default_factory=list)  # also save the weights after these steps
     freeze_encoder_steps: int = 0  # keep a *pretrained* encoder fixed for the first N steps (decoder warm-up)
+    freeze_encoder: bool = False  # frozen-encoder probe: the encoder (weights and norm statistics) never changes
     dim: int = 3
     data: FinetuneData = field(default_factory=FinetuneData)
     model: ModelConfig = field(default_factory=ModelConfig)  # used when init = scratch
@@ -166,11 +167,17 @@ def batch_dice(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
 
 
 class SegmentationModel(nn.Module):
-    """Backbone + Dice/CE loss (+ optional PDCR on encoder features): ``forward(batch) -> (loss, logs)``."""
+    """Backbone + Dice/CE loss (+ optional PDCR on encoder features): ``forward(batch) -> (loss, logs)``.
+
+    ``frozen_encoder``: the encoder has no trainable parameters and stays in eval mode while the rest trains (its
+    normalisation statistics do not move either): the frozen-encoder probe."""
 
     def __init__(self, net: Backbone, num_classes: int, dice_weight: float, ce_weight: float,
-                 pdcr: nn.Module | None = None):
+                 pdcr: nn.Module | None = None, frozen_encoder: bool = False):
         super().__init__()
+        self.frozen_encoder = frozen_encoder
+        if frozen_encoder:
+            net.encoder.requires_grad_(False)
         from monai.losses import DiceCELoss
 
         self.net = net
@@ -178,6 +185,12 @@ class SegmentationModel(nn.Module):
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight, lambda_ce=ce_weight,
                                batch=True)
         self.pdcr = pdcr
+
+    def train(self, mode: bool = True) -> SegmentationModel:
+        super().train(mode)
+        if self.frozen_encoder:
+            self.net.encoder.eval()
+        return self
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         skips = self.net.encode(batch["views"])
@@ -367,7 +380,8 @@ def finetune(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: F
                 cross_layer=config.pdcr_cross_layer)
         except ValueError as exc:
             raise InputError("--pdcr", str(exc)) from None
-    model = SegmentationModel(net, max(2, cache.num_classes), config.dice_weight, config.ce_weight, pdcr)
+    model = SegmentationModel(net, max(2, cache.num_classes), config.dice_weight, config.ce_weight, pdcr,
+                              frozen_encoder=config.freeze_encoder)
     label_names = {str(k): v for k, v in cache.label_names.items()}
     model_json = {
         "kind": "segmentation", "architecture": net.arch_config(), "uafs": config.uafs, "dim": config.dim,
