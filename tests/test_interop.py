@@ -114,6 +114,60 @@ def test_nnunet_export_loads_with_nnunets_own_code(plans_run, tmp_path):
     assert nnunetv2 is not None
 
 
+def _nnunet_preprocessed(root: Path, plans: dict) -> Path:
+    """The files ``nnUNetv2_train`` reads from ``nnUNet_preprocessed/DatasetXXX``: plans, dataset.json and a data
+    folder (one placeholder file: only its ending is looked at before training starts)."""
+    folder = root / "Dataset999_Tiny"
+    (folder / "x").mkdir(parents=True)
+    (folder / "x" / "case0.npz").write_bytes(b"")
+    plans = {**plans, "dataset_name": "Dataset999_Tiny", "image_reader_writer": "SimpleITKIO",
+             "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+             "original_median_spacing_after_transp": [3.0, 2.0, 2.0],
+             "original_median_shape_after_transp": [16, 32, 32], "experiment_planner_used": "ExperimentPlanner",
+             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {"0": {
+                 "max": 1.0, "mean": 0.0, "median": 0.0, "min": -1.0, "percentile_00_5": -1.0,
+                 "percentile_99_5": 1.0, "std": 1.0}}}
+    resampling = "resample_data_or_seg_to_shape"
+    plans["configurations"]["3d_fullres"].update({
+        "preprocessor_name": "DefaultPreprocessor", "batch_size": 2, "spacing": [3.0, 2.0, 2.0],
+        "median_image_size_in_voxels": [16, 32, 32], "normalization_schemes": ["CTNormalization"],
+        "use_mask_for_norm": [False], "resampling_fn_data": resampling, "resampling_fn_seg": resampling,
+        "resampling_fn_probabilities": resampling, "resampling_fn_data_kwargs": {}, "resampling_fn_seg_kwargs": {},
+        "resampling_fn_probabilities_kwargs": {}, "batch_dice": False})
+    _write(folder / "nnUNetPlans.json", plans)
+    _write(folder / "dataset.json", {"channel_names": {"0": "CT"}, "numTraining": 2, "file_ending": ".nii.gz",
+                                     "labels": {"background": 0, "organ1": 1, "organ2": 2}})
+    return folder
+
+
+def test_nnunet_trainer_takes_the_export_as_pretrained_weights(plans_run, tmp_path, monkeypatch):
+    """What ``nnUNetv2_train Dataset999_Tiny 3d_fullres 0 -tr nnUNetTrainer_1epoch -pretrained_weights FILE`` does
+    before its first epoch: build nnU-Net's trainer (deep supervision on) from the preprocessed plans, then
+    ``run_training.maybe_load_checkpoint`` with the file. (The trainer class is imported directly: nnU-Net's
+    search through every trainer module imports timm/torchvision, which this CPU venv need not have working.)"""
+    pytest.importorskip("nnunetv2")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(name, str(tmp_path / name))
+    from nnunetv2.run.run_training import maybe_load_checkpoint
+    from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_1epoch
+
+    _, run, net = plans_run
+    folder = _nnunet_preprocessed(tmp_path / "nnUNet_preprocessed", _plans())
+    out = export_nnunet(run, folder / "nnUNetPlans.json", tmp_path / "pretrained.pth")
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # as run_training.get_trainer_from_args sets it
+    trainer = nnUNetTrainer_1epoch(plans=plans, configuration="3d_fullres", fold=0, device=torch.device("cpu"),
+                                   dataset_json=json.loads((folder / "dataset.json").read_text()))
+    maybe_load_checkpoint(trainer, False, False, str(out))
+    assert trainer.enable_deep_supervision
+    state = trainer.network.state_dict()
+    ours = to_nnunet_state_dict(net)
+    non_seg = [k for k in state if ".seg_layers." not in k]
+    assert len(non_seg) == len(torch.load(out, weights_only=True)["network_weights"])
+    for key in non_seg:
+        assert torch.equal(state[key], ours[key]), key
+
+
 def test_nnunet_export_mismatch_names_first_key_and_both_shapes(plans_run, tmp_path, capsys):
     _, run, _ = plans_run
     bad = _write(tmp_path / "other.json", _plans(features=[8, 16, 32, 64]))
