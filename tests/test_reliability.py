@@ -276,3 +276,263 @@ def test_a_prepare_rerun_redoes_a_damaged_case(tmp_path, damage):
     report = prepare_dataset(root, cache, workers=1, progress=False)
     assert report.reused == ["case00"] and report.prepared == ["case01"]
     assert open_cache(cache).case_dir("case01").joinpath(target.name).read_bytes() == good
+
+
+# ----------------------------------------------------------------------------- 5. one line, exit 2, for bad input
+
+
+def _one_line(err: str, where: Path, problem: str) -> None:
+    assert err == f"error: {where}: {problem}\n", err
+
+
+def _nrrd(path: Path, directions: str) -> Path:
+    header = ("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 8 9 10\n"
+              f"space directions: {directions}\nkinds: domain domain domain\nendian: little\nencoding: raw\n"
+              "space origin: (0,0,0)\n\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header.encode() + bytes(4 * 8 * 9 * 10))
+    return path
+
+
+def _scans(folder: Path, names: list[str]) -> Path:
+    image, _, affine = phantom()
+    for name in names:
+        save_volume(folder / name, image, affine)
+    return folder
+
+
+def test_prepare_2d_scan_and_singular_nrrd_are_one_line_and_skippable(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    raw = _scans(tmp_path / "raw", ["good.nii.gz"])
+    flat = raw / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((10, 10), np.float32), np.eye(4)), str(flat))
+    code, err = run_cli(["prepare", raw, "--out", tmp_path / "c1"], capsys)
+    assert code == 2
+    _one_line(err, flat, "2D image (shape (10, 10)) where a 3D volume is expected")
+    flat.unlink()
+    bent = _nrrd(raw / "bent.nrrd", "(1,0,0) (1,0,0) (0,0,1)")
+    code, err = run_cli(["prepare", raw, "--out", tmp_path / "c2"], capsys)
+    assert code == 2
+    _one_line(err, bent, "scan has an invalid (singular or non-finite) affine / direction matrix")
+    code, err = run_cli(["prepare", raw, "--out", tmp_path / "c3", "--skip-bad"], capsys)
+    assert code == 0 and f"skipped bent: {bent}: scan has an invalid" in err
+    assert open_cache(tmp_path / "c3").ids == ["good"]
+
+
+@pytest.mark.parametrize("kind", ["dataset.json", "list.csv"])
+def test_non_utf8_dataset_files_are_one_line(tmp_path, capsys, kind):
+    _scans(tmp_path / "raw" / "imagesTr", ["é_0000.nii.gz"])
+    if kind == "dataset.json":
+        path = tmp_path / "raw" / "dataset.json"
+        path.write_bytes('{"channel_names": {"0": "CT"}, "labels": {"background": 0}, "name": "Leber é"}'
+                         .encode("latin-1"))
+    else:
+        path = tmp_path / "raw" / "list.csv"
+        path.write_bytes("image\nimagesTr/é_0000.nii.gz\n".encode("latin-1"))
+    code, err = run_cli(["prepare", path, "--out", tmp_path / "cache"], capsys)
+    assert code == 2
+    _one_line(err, path, f"not UTF-8 text (byte {path.read_bytes().index(0xE9)}: b'\\xe9'); save it as UTF-8")
+
+
+MSD = {"name": "T", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ1", "2": "organ2"},
+       "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}], "test": []}
+
+
+@pytest.mark.parametrize("variant,problem", [
+    ({"labels": {"background": 0, "organ1": 1, "organ2": 2}}, None),  # nnU-Net style labels are understood
+    ({"modality": {"CT": "CT"}}, '"modality" keys must be the channel indices "0", "1", ..., got [\'CT\']'),
+    ({"training": [{"image": 123}]}, 'training entry 0: "image" must be a file path (a string), got 123'),
+    ({"labels": {"organ1": "one"}}, '"labels" must map names to integer values; \'organ1\' has "one"'),
+    ({"training": [], "channel_names": {"0": "CT"}, "dataset": {"a": {"label": "labelsTr/a.nii.gz"}}},
+     '"dataset" entry \'a\' needs an "images" list of paths'),
+])
+def test_msd_dataset_json_variants(tmp_path, capsys, variant, problem):
+    import json
+
+    root = tmp_path / "raw"
+    image, label, affine = phantom()
+    save_volume(root / "imagesTr" / "a.nii.gz", image, affine)
+    save_volume(root / "labelsTr" / "a.nii.gz", label, affine)
+    meta = {**MSD, **variant}
+    if "dataset" in variant:
+        del meta["training"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    code, err = run_cli(["prepare", root, "--out", tmp_path / "cache"], capsys)
+    if problem is None:
+        assert code == 0 and open_cache(tmp_path / "cache").label_names == {0: "background", 1: "organ1",
+                                                                              2: "organ2"}
+    else:
+        assert code == 2
+        _one_line(err, root / "dataset.json", problem)
+
+
+def test_out_that_is_a_file_is_one_line(phantom_cache, tmp_path, capsys):
+    raw = _scans(tmp_path / "raw", ["a.nii.gz"])
+    (tmp_path / "file").write_text("x")
+    code, err = run_cli(["prepare", raw, "--out", tmp_path / "file"], capsys)
+    assert code == 2
+    _one_line(err, tmp_path / "file", "is a file, not a folder; choose a folder for the output")
+    code, err = run_cli(["pretrain", phantom_cache, "--out", tmp_path / "file", "--quiet"], capsys)
+    assert code == 2
+    _one_line(err, tmp_path / "file", "is a file, not a folder; choose a folder for the output")
+
+
+@pytest.mark.parametrize("errno_,problem,modality,folder", [
+    (28, "no space left on the device", "ct", ".stats"),  # CT: the statistics samples are the first file written
+    (30, "the folder is on a read-only file system", "mr", "cases"),
+    (28, "no space left on the device", "mr", "cases"),
+])
+def test_prepare_full_disk_or_read_only_folder_is_one_line(tmp_path, capsys, monkeypatch, errno_, problem, modality,
+                                                           folder):
+    raw = _scans(tmp_path / "raw", ["a.nii.gz"])
+    real = prepare_mod.np.save
+
+    def save(path, arr, *a, **k):
+        real(path, arr[: len(arr) // 2], *a, **k)  # part of the file, then the disk is full / read-only
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(prepare_mod.np, "save", save)
+    code, err = run_cli(["prepare", raw, "--out", tmp_path / "cache", "--workers", 1, "--modality", modality], capsys)
+    assert code == 2
+    _one_line(err, tmp_path / "cache" / folder, f"cannot write: {problem}")
+    assert list((tmp_path / "cache").rglob(".tmp-*")) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mhd"])
+def test_save_volume_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch, suffix):
+    """predict writes segmentations with save_volume: a full disk is one line and leaves no ``.tmp-*``."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    image, _, affine = phantom()
+    target = tmp_path / "out" / f"seg{suffix}"
+    save_volume(target, image, affine)
+    before = target.read_bytes()
+
+    def full(_img, path, *a, **k):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full)
+    monkeypatch.setattr(sitk, "WriteImage", full)
+    with pytest.raises(InputError, match="cannot write: no space left on the device") as exc:
+        save_volume(target, image * 2, affine)
+    assert exc.value.where == str(target)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [target.name] + (["seg.raw"] if suffix == ".mhd" else []))
+    assert target.read_bytes() == before
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_last_one(phantom_cache, tmp_path, monkeypatch):
+    real = run_mod.save_file
+
+    def save_file(tensors, path):
+        if "step_0000004" in str(Path(path).parent.name) or ".tmp-step_0000004" in str(path):
+            Path(path).write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(tensors, path)
+
+    monkeypatch.setattr(run_mod, "save_file", save_file)
+    out = tmp_path / "run"
+    with pytest.raises(InputError) as exc:
+        pretrain(phantom_cache, out, _cfg(), progress=False)
+    assert exc.value.line() == f"{out / 'checkpoints' / 'step_0000004'}: cannot write: no space left on the device"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]
+    assert run_mod.RunDir(out).latest_step() == 2
+
+
+# ----------------------------------------------------------------------------- 6. ITK's warnings
+
+
+def test_plain_folder_stderr_has_no_itk_warnings(tmp_path, capfd):
+    raw = _scans(tmp_path / "raw", ["a.nii.gz"])
+    (raw / "notes").mkdir()
+    (raw / "notes" / "readme.txt").write_text("not a scan")  # GDCM looks for a DICOM series here
+    _nrrd(raw / "bent.nrrd", "(1,0,0) (1,0,0) (0,0,1)")
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare", str(raw), "--out", str(tmp_path / "cache")])
+    err = capfd.readouterr().err
+    assert exc.value.code == 2
+    assert err == f"error: {raw / 'bent.nrrd'}: scan has an invalid (singular or non-finite) affine / direction" \
+                  " matrix\n"
+
+
+# ----------------------------------------------------------------------------- 7. case ids
+
+
+def test_non_ascii_names_keep_distinct_ids(tmp_path):
+    from volcontrast.data.dataset import open_dataset
+
+    raw = _scans(tmp_path / "raw", ["肝臓.nii.gz", "肺.nii.gz", "病例_1.nii.gz", "★.nii.gz", "☆.nii.gz",
+                                    "a b.nii.gz", "a_b.nii.gz"])
+    ids = sorted(c.id for c in open_dataset(raw).cases)
+    assert len(set(ids)) == 7
+    assert {"肝臓", "肺", "病例_1", "a_b"} <= set(ids)
+    symbols = [i for i in ids if i.startswith("case-")]
+    assert len(symbols) == 2 and all(len(i) == 15 for i in symbols)
+    assert sorted(c.id for c in open_dataset(raw).cases) == ids  # stable
+    report = prepare_dataset(raw, tmp_path / "cache", workers=1, progress=False)
+    assert sorted(report.prepared) == ids and open_cache(tmp_path / "cache").image("肝臓").shape[0] == 1
+
+
+# ----------------------------------------------------------------------------- 8. non-finite weights
+
+
+def test_non_finite_weights_are_refused(phantom_cache, tmp_path):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    pretrain(phantom_cache, out, _cfg(steps=2), progress=False)
+    weights = load_file(str(out / "model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name][..., 0] = float("nan")
+    os.unlink(out / "model.safetensors")
+    save_file(weights, str(out / "model.safetensors"))
+    with pytest.raises(InputError) as exc:
+        run_mod.load_weights(out)
+    assert exc.value.line() == (f"{out / 'model.safetensors'}: tensor {name!r} has NaN or infinite values (the run"
+                                " diverged?); these weights are not usable")
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(phantom_cache, tmp_path, monkeypatch):
+    from volcontrast.engine import pretrain as pretrain_mod
+
+    real_fit = pretrain_mod.fit
+
+    def fit(task, *a, **k):
+        real_after = task.after_step
+
+        def after_step(step):
+            real_after(step)
+            if step == 2:  # the weights blow up after step 3's update
+                with torch.no_grad():
+                    next(task.module.parameters()).fill_(float("inf"))
+
+        task.after_step = after_step
+        return real_fit(task, *a, **k)
+
+    monkeypatch.setattr(pretrain_mod, "fit", fit)
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match=r"training diverged: weight '.*' is NaN or infinite at step 4; the last good"
+                                         r" checkpoint \(step 2\) is kept"):
+        pretrain(phantom_cache, out, _cfg(), progress=False)
+    assert run_mod.RunDir(out).latest_step() == 2
+    run_mod.load_weights(out)  # finite
+
+
+# ----------------------------------------------------------------------------- 9. umask
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    from volcontrast.utils.files import atomic_write_json
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        save_volume(tmp_path / "s.nii.gz", *phantom()[::2])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "s.nii.gz").stat().st_mode & 0o777 == 0o640

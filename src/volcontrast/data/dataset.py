@@ -16,6 +16,7 @@ Unlabelled test images (``imagesTs``) are kept as unlabelled cases: they are pre
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from volcontrast.errors import InputError
 from volcontrast.io.readers import SCAN_SUFFIXES, is_dicom_dir, scan_suffix, strip_scan_suffix
+from volcontrast.utils.files import read_text, stable_hash
 
 LAYOUTS = ("msd", "nnunet", "folder", "list")
 
@@ -66,14 +68,19 @@ class Dataset:
 
 
 def _safe_id(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "case"
+    """A folder-safe case id: letters and digits of any script, ``_``, ``.``, ``-``; other runs become ``_``.
+    A name with none of those gets ``case-<hash of the name>`` (stable, distinct for distinct names)."""
+    safe = re.sub(r"[^\w.-]+", "_", text).strip("._")
+    return safe if safe else f"case-{stable_hash(text)[:10]}"
 
 
 def _modality_from_names(names: list[str]) -> str:
     return "ct" if names and names[0].strip().upper() == "CT" else "mr"
 
 
-def _resolve(base: Path, rel: str, listed_in: Path) -> Path:
+def _resolve(base: Path, rel: object, listed_in: Path, what: str = "path") -> Path:
+    if not isinstance(rel, str) or not rel.strip():
+        raise InputError(listed_in, f"{what} must be a file path (a string), got {json.dumps(rel)[:60]}")
     p = Path(rel)
     p = p if p.is_absolute() else (base / p)
     p = Path(os.path.normpath(p))
@@ -83,10 +90,17 @@ def _resolve(base: Path, rel: str, listed_in: Path) -> Path:
 
 
 def _check_unique(cases: list[Case], where: Path) -> list[Case]:
+    """Refuse a scan listed twice; two different scans whose names give the same id (``a b`` and ``a_b``) keep
+    their ids apart with a stable suffix from the file path."""
     seen: dict[str, Case] = {}
-    for c in cases:
+    for i, c in enumerate(cases):
         if c.id in seen:
-            raise InputError(where, f"two cases share the id {c.id!r} ({seen[c.id].images[0]} and {c.images[0]})")
+            if seen[c.id].images == c.images:
+                raise InputError(where, f"the scan {c.images[0]} is listed twice (case id {c.id!r})")
+            c = Case(f"{c.id}-{stable_hash(str(c.images[0]))[:6]}", c.images, c.label)
+            if c.id in seen:
+                raise InputError(where, f"two cases share the id {c.id!r} ({seen[c.id].images[0]} and {c.images[0]})")
+            cases[i] = c
         seen[c.id] = c
     if not cases:
         raise InputError(where, "no scans found (accepted: " + ", ".join(SCAN_SUFFIXES) + ", DICOM folders)")
@@ -95,7 +109,7 @@ def _check_unique(cases: list[Case], where: Path) -> list[Case]:
 
 def _read_dataset_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise InputError(path, f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -108,43 +122,77 @@ def _open_msd(root: Path, meta: dict, dj: Path) -> Dataset:
     if not isinstance(training, list):
         raise InputError(dj, '"training" must be a list of {"image": ..., "label": ...}')
     modality = meta.get("modality") or {"0": "image"}
-    channel_names = [str(modality[k]) for k in sorted(modality, key=lambda k: int(k))]
+    channel_names = _channel_names(modality, dj, "modality")
     cases: list[Case] = []
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry:
             raise InputError(dj, f'training entry {i} has no "image"')
-        image = _resolve(root, entry["image"], dj)
-        label = _resolve(root, entry["label"], dj) if entry.get("label") else None
+        image = _resolve(root, entry["image"], dj, f'training entry {i}: "image"')
+        label = _resolve(root, entry["label"], dj, f'training entry {i}: "label"') if entry.get("label") else None
         cases.append(Case(_safe_id(strip_scan_suffix(image.name)), (image,), label))
-    for i, entry in enumerate(meta.get("test") or []):
+    test = meta.get("test") or []
+    if not isinstance(test, list):
+        raise InputError(dj, '"test" must be a list of image paths')
+    for i, entry in enumerate(test):
         rel = entry.get("image") if isinstance(entry, dict) else entry
-        if not isinstance(rel, str):
-            raise InputError(dj, f"test entry {i} is not a path")
-        image = _resolve(root, rel, dj)
+        image = _resolve(root, rel, dj, f"test entry {i}")
         cases.append(Case(_safe_id(strip_scan_suffix(image.name)), (image,), None))
-    labels = meta.get("labels") or {}
-    label_names = {int(k): str(v) for k, v in labels.items()} if labels else {}
+    label_names = _label_names(meta.get("labels") or {}, dj)
     return Dataset(root, "msd", _check_unique(cases, dj), label_names, channel_names,
                    _modality_from_names(channel_names), channels_in_file=len(channel_names))
 
 
+def _int_key(k: object) -> int | None:
+    try:
+        return int(str(k).strip())
+    except ValueError:
+        return None
+
+
+def _channel_names(names: object, dj: Path, key: str) -> list[str]:
+    """``{"0": "CT", "1": "PET"}`` -> ``["CT", "PET"]``; InputError unless the keys are the indices 0..n-1."""
+    if not isinstance(names, dict) or not names:
+        raise InputError(dj, f'"{key}" must map channel indices to names, e.g. {{"0": "CT"}}')
+    index = {k: _int_key(k) for k in names}
+    if any(v is None for v in index.values()) or sorted(index.values()) != list(range(len(names))):
+        raise InputError(dj, f'"{key}" keys must be the channel indices "0", "1", ..., got {list(names)[:4]}')
+    return [str(names[k]) for k in sorted(names, key=lambda k: index[k])]
+
+
+def _label_names(labels: object, dj: Path) -> dict[int, str]:
+    """Label value -> name from MSD style ``{"0": "background", "1": "liver"}`` or nnU-Net style
+    ``{"background": 0, "liver": 1}`` (region lists are skipped)."""
+    if not labels:
+        return {}
+    if not isinstance(labels, dict):
+        raise InputError(dj, '"labels" must map label values to names (or names to values)')
+    if all(_int_key(k) is not None for k in labels):
+        return {int(str(k).strip()): str(v) for k, v in labels.items()}
+    out = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            continue
+        if isinstance(value, bool) or _int_key(value) is None:
+            raise InputError(dj, f'"labels" must map names to integer values; {name!r} has {json.dumps(value)[:40]}')
+        out[int(str(value).strip())] = str(name)
+    return out
+
+
 def _open_nnunet(root: Path, meta: dict, dj: Path) -> Dataset:
     names = meta.get("channel_names") or meta.get("modality")
-    if not isinstance(names, dict) or not names:
-        raise InputError(dj, '"channel_names" must map channel indices to names, e.g. {"0": "CT"}')
-    channel_names = [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
+    channel_names = _channel_names(names, dj, "channel_names")
     ending = str(meta.get("file_ending", ".nii.gz"))
-    labels = meta.get("labels") or {}
-    try:
-        label_names = {int(v): str(k) for k, v in labels.items() if not isinstance(v, (list, tuple))}
-    except (TypeError, ValueError):
-        raise InputError(dj, '"labels" must map names to integer values') from None
+    label_names = _label_names(meta.get("labels") or {}, dj)
     n_ch = len(channel_names)
     cases: list[Case] = []
     if isinstance(meta.get("dataset"), dict):  # explicit file lists (nnU-Net v2 option)
         for cid, entry in meta["dataset"].items():
-            images = tuple(_resolve(root, p, dj) for p in entry["images"])
-            label = _resolve(root, entry["label"], dj) if entry.get("label") else None
+            paths = entry.get("images") if isinstance(entry, dict) else None
+            if not isinstance(paths, list) or not paths:
+                raise InputError(dj, f'"dataset" entry {cid!r} needs an "images" list of paths')
+            images = tuple(_resolve(root, p, dj, f'"dataset" entry {cid!r}: image') for p in paths)
+            label = (_resolve(root, entry["label"], dj, f'"dataset" entry {cid!r}: "label"')
+                     if entry.get("label") else None)
             cases.append(Case(_safe_id(cid), images, label))
     else:
         for folder, labelled in (("imagesTr", True), ("imagesTs", False)):
@@ -198,14 +246,17 @@ def _open_list(path: Path) -> Dataset:
     base = path.parent
     rows: list[dict]
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+        try:
+            reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
             if not reader.fieldnames or "image" not in [h.strip() for h in reader.fieldnames]:
                 raise InputError(path, 'CSV needs a header with an "image" column (and optional "label", "id")')
-            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if isinstance(k, str) and k}
+                    for r in reader]
+        except csv.Error as exc:
+            raise InputError(path, f"not a valid CSV file: {exc}") from None
     else:
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except json.JSONDecodeError as exc:
             raise InputError(path, f"not valid JSON: {exc}") from None
         if isinstance(data, dict):
@@ -217,9 +268,9 @@ def _open_list(path: Path) -> Dataset:
     for i, r in enumerate(rows):
         if not r.get("image"):
             raise InputError(path, f"row {i + 1} has no image path")
-        image = _resolve(base, r["image"], path)
-        label = _resolve(base, r["label"], path) if r.get("label") else None
-        cid = _safe_id(r.get("id") or strip_scan_suffix(image.name))
+        image = _resolve(base, r["image"], path, f'row {i + 1}: "image"')
+        label = _resolve(base, r["label"], path, f'row {i + 1}: "label"') if r.get("label") else None
+        cid = _safe_id(str(r.get("id") or strip_scan_suffix(image.name)))
         cases.append(Case(cid, (image,), label))
     return Dataset(path, "list", _check_unique(cases, path))
 

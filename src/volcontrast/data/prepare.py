@@ -166,10 +166,17 @@ def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground
         mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
     # the draw depends on the case id only, so the same data gives the same statistics wherever it lives
     samples = sample_voxels(raw, mask, settings.stats_samples_per_case, seed=int(stable_hash(case.id)[:8], 16))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    np.save(tmp, samples)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, samples)
+        os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a read-only cache: the user's to fix
+        remove_quietly(tmp)
+        err = as_input_error(exc, path.parent)
+        if err is exc:
+            raise
+        raise err from None
     return case.id, samples
 
 

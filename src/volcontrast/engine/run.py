@@ -47,6 +47,7 @@ from volcontrast.utils.files import (
     read_json,
     remove_quietly,
     remove_stale_tmp,
+    umask,
 )
 
 MODEL_FILE = "model.safetensors"
@@ -85,7 +86,7 @@ def _write_step_folder(final: Path, model: torch.nn.Module, model_json: dict[str
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         files = _write_checkpoint_files(tmp, model, model_json, trainer_state)
         record = {"step": model_json.get("step"), **extra, "files": files}
         with open(tmp / CHECKPOINT_JSON, "w", encoding="utf-8") as f:
@@ -104,12 +105,6 @@ def _write_step_folder(final: Path, model: torch.nn.Module, model_json: dict[str
         if tmp is not None:
             remove_quietly(tmp)
     return record
-
-
-def _umask() -> int:
-    from volcontrast.utils import files
-
-    return files._UMASK
 
 
 def _publish(src: Path, folder: Path, record: dict[str, Any]) -> None:
@@ -147,6 +142,11 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, model_jso
 def _commit(root: Path, model: torch.nn.Module, model_json: dict[str, Any], trainer_state: dict[str, Any] | None,
             step: int, keep: bool) -> dict[str, Any]:
     previous = _read_record(root)
+    bad = _non_finite(deduplicated_state_dict(model))
+    if bad:  # a diverged run: stop, keeping the last good checkpoint
+        kept = f"the last good checkpoint (step {previous.get('step')}) is kept" if previous else "nothing was saved"
+        raise InputError(root, f"training diverged: weight {bad!r} is NaN or infinite at step {step}; {kept};"
+                               " lower the learning rate (or enable grad_clip) and start again")
     name = f"step_{step:07d}"
     record = _write_step_folder(root / "checkpoints" / name, model, model_json, trainer_state,
                                 {"folder": f"checkpoints/{name}", "keep": keep})
@@ -172,9 +172,22 @@ def load_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(path, "no model weights here (is this a volcontrast run folder?)")
     try:
-        return load_file(str(path))
+        weights = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise InputError(path, f"cannot read weights: {' '.join(str(exc).split())}") from None
+    bad = _non_finite(weights)
+    if bad:
+        raise InputError(path, f"tensor {bad!r} has NaN or infinite values (the run diverged?); these weights are"
+                               " not usable")
+    return weights
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor with a NaN or infinite value, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:

@@ -27,6 +27,7 @@ from volcontrast.io.volume import (
     reorient_array,
     to_canonical,
 )
+from volcontrast.utils.files import atomic_save
 
 NIBABEL_SUFFIXES = (".nii", ".nii.gz", ".mgz", ".mgh")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -48,12 +49,26 @@ def scan_suffix(path: str | os.PathLike) -> str:
 
 @contextlib.contextmanager
 def preserve_locale() -> Iterator[None]:
-    """GDCM (SimpleITK's DICOM layer) resets the process locale to "C"; put it back afterwards."""
+    """GDCM (SimpleITK's DICOM layer) resets the process locale to "C"; put it back afterwards. ITK's global
+    warnings (e.g. GDCM's "No Series were found" for every plain folder) are silenced meanwhile: our errors are
+    one line of our own."""
     saved = locale.setlocale(locale.LC_ALL)
+    with quiet_itk():
+        try:
+            yield
+        finally:
+            locale.setlocale(locale.LC_ALL, saved)
+
+
+@contextlib.contextmanager
+def quiet_itk() -> Iterator[None]:
+    """Turn off ITK's global warning display (it writes to stderr directly) for the duration."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         yield
     finally:
-        locale.setlocale(locale.LC_ALL, saved)
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def is_dicom_dir(path: str | os.PathLike) -> bool:
@@ -137,7 +152,8 @@ def _read_raw(path: Path, want_float: bool) -> tuple[np.ndarray, np.ndarray]:
             arr = np.asanyarray(img.dataobj)
         return np.asarray(arr), np.asarray(img.affine, dtype=np.float64)
     if suffix in SITK_SUFFIXES:
-        return _sitk_to_raw(sitk.ReadImage(str(path)))
+        with quiet_itk():
+            return _sitk_to_raw(sitk.ReadImage(str(path)))
     raise InputError(path, f"unknown scan format (accepted: {', '.join(SCAN_SUFFIXES)} or a DICOM folder)")
 
 
@@ -207,8 +223,7 @@ def load_volume(
         msg = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise InputError(p, f"cannot read scan (corrupt or truncated?): {msg}") from None
     arr = _squeeze_to_3d(arr, p, None if label else channels)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(p, "scan has an invalid (singular or non-finite) affine / direction matrix")
+    _check_affine(p, affine, arr.shape[-3:])
     if label:
         arr = _as_label(arr, p)
     else:
@@ -227,6 +242,17 @@ def load_volume(
     )
 
 
+def _check_affine(p: Path, affine: np.ndarray, shape: tuple[int, ...]) -> None:
+    """InputError unless ``affine`` is finite, invertible and maps each voxel axis to a distinct world axis."""
+    bad = "scan has an invalid (singular or non-finite) affine / direction matrix"
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(p, bad)
+    try:
+        canonical_transform(affine, shape)
+    except Exception:  # nibabel: "We cannot invert orientation transform", numpy: "SVD did not converge"
+        raise InputError(p, bad) from None
+
+
 def read_geometry(path: str | os.PathLike) -> Geometry:
     """Shape and canonical affine from the header alone (no voxel data read, except for DICOM)."""
     p = Path(path)
@@ -242,7 +268,8 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         elif scan_suffix(p) in SITK_SUFFIXES:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(p))
-            reader.ReadImageInformation()
+            with quiet_itk():
+                reader.ReadImageInformation()
             dim = reader.GetDimension()
             size = reader.GetSize()
             shape = tuple(size) + ((reader.GetNumberOfComponents(),) if reader.GetNumberOfComponents() > 1 else ())
@@ -263,6 +290,9 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         msg = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise InputError(p, f"cannot read scan header (corrupt or truncated?): {msg}") from None
     shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        raise InputError(p, f"{len(shape)}D image (shape {shape}) where a 3D volume is expected")
+    _check_affine(p, affine, shape[:3])
     channels = 1
     spatial = shape[:3]
     extra = [s for s in shape[3:] if s != 1]
@@ -324,25 +354,57 @@ def save_volume(
         array = reorient_array(array, affine, target)
         affine = new_affine
     suffix = scan_suffix(p)
-    tmp = p.with_name(f".tmp-{os.getpid()}-{p.name}")
-    if suffix in (".nii", ".nii.gz"):
-        img = nib.Nifti1Image(array, affine)
-        img.header.set_xyzt_units("mm")
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        nib.save(img, str(tmp))
-    elif suffix in (".mgz", ".mgh"):
-        data = array.astype(np.float32) if array.dtype == np.float64 else array
-        nib.save(nib.MGHImage(data, affine), str(tmp))
-    elif suffix in SITK_SUFFIXES:
-        lps = np.linalg.inv(LPS_TO_RAS) @ affine
-        spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
-        image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))
-        image.SetSpacing(tuple(float(s) for s in spacing))
-        image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
-        image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
-        sitk.WriteImage(image, str(tmp), useCompression=False)
-    else:
+    if suffix not in NIBABEL_SUFFIXES + SITK_SUFFIXES:
         raise InputError(p, f"cannot write this format (use one of {', '.join(SCAN_SUFFIXES)})")
-    os.replace(tmp, p)
+
+    def write(tmp: str) -> None:
+        if suffix in (".nii", ".nii.gz"):
+            img = nib.Nifti1Image(array, affine)
+            img.header.set_xyzt_units("mm")
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            nib.save(img, tmp)
+        elif suffix in (".mgz", ".mgh"):
+            data = array.astype(np.float32) if array.dtype == np.float64 else array
+            nib.save(nib.MGHImage(data, affine), tmp)
+        else:
+            lps = np.linalg.inv(LPS_TO_RAS) @ affine
+            spacing = np.sqrt((lps[:3, :3] ** 2).sum(axis=0))
+            image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))
+            image.SetSpacing(tuple(float(s) for s in spacing))
+            image.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing[None, :]).ravel()))
+            image.SetOrigin(tuple(float(v) for v in lps[:3, 3]))
+            try:
+                with quiet_itk():
+                    sitk.WriteImage(image, tmp, useCompression=False)
+            except RuntimeError as exc:  # ITK reports a full disk or a read-only folder as a RuntimeError
+                first = next((ln for ln in str(exc).splitlines() if "ERROR" in ln or "rror" in ln), str(exc))
+                raise InputError(p, f"cannot write (full disk or read-only folder?): {' '.join(first.split())[:200]}"
+                                 ) from None
+
+    if suffix == ".mhd":
+        return _save_mhd(p, write)
+    return atomic_save(p, write, suffix=suffix)
+
+
+def _save_mhd(p: Path, write) -> Path:
+    """MetaImage is a header and a data file (``<stem>.raw``) that it names: write both into a temporary folder,
+    move the data file into place, then the header (a reader of the old header sees old or new data whole)."""
+    import shutil
+    import tempfile
+
+    from volcontrast.utils.files import as_input_error
+
+    tmpdir = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".tmp-{p.name}-", dir=p.parent))
+        write(str(tmpdir / p.name))
+        for f in sorted(tmpdir.iterdir(), key=lambda f: f.name == p.name):  # the header last
+            os.replace(f, p.parent / f.name)
+    except OSError as exc:
+        raise as_input_error(exc, p) from None
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
     return p

@@ -36,13 +36,11 @@ _USER_ERRNOS = {
 }
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (read by setting and restoring it)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-_UMASK = _umask()
 
 
 def os_error_problem(exc: OSError) -> str | None:
@@ -84,15 +82,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def _atomic(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> Path:
     p = Path(path)
     tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{p.name}-", dir=p.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{p.name}-", suffix=suffix, dir=p.parent)
         os.close(fd)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a written file gets what open() would give it
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a written file gets what open() would give it
         os.replace(tmp, p)
         tmp = None
     except OSError as exc:
@@ -125,14 +123,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return _atomic(path, _fsynced(lambda f: f.write(data), "wb"))
 
 
-def atomic_save(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
-    """Call ``save(tmp_path)`` (e.g. ``safetensors.torch.save_file``), then rename to ``path``."""
+def atomic_save(path: str | os.PathLike, save: Callable[[str], None], suffix: str = "") -> Path:
+    """Call ``save(tmp_path)`` (e.g. ``safetensors.torch.save_file``), then rename to ``path``. ``suffix`` ends
+    the temporary name (for writers that pick the format from it, e.g. ``.nii.gz``)."""
 
     def go(tmp: str) -> None:
         save(tmp)
         fsync_file(tmp)
 
-    return _atomic(path, go)
+    return _atomic(path, go, suffix)
 
 
 def fsync_file(path: str | os.PathLike) -> None:
