@@ -48,7 +48,7 @@ class OptimConfig:
 
 @dataclass
 class PretrainConfig:
-    method: str = "pcl"
+    method: str = "pcl"  # the default --method; any registered name (volcontrast.methods.registry)
     dim: int = 3
     steps: int = 100
     seed: int = 0

@@ -463,7 +463,9 @@ class Alice(PretrainMethod):
 
 
 register_method("alice", Alice, section="alice", config=AliceConfig,
-                summary="cross-patient views, masked modelling, CASA, self-distillation")
+                summary="cross-patient views, masked modelling, CASA, self-distillation",
+                small={"alice": {"mask_block": [4, 4], "num_prototypes": 64, "head_hidden": 64, "head_bottleneck": 32,
+                                 "casa_dim": 32, "casa_heads": 4, "pairs_per_batch": 2}})
 register_preset("alice-paper", {  # METHODS.md section 3 with the released code's values (research/alice.md section 0)
     "method": "alice",
     "steps": 10000,

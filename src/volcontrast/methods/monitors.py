@@ -6,8 +6,9 @@ row. A monitor counts consecutive logged rows that look collapsed and, after ``p
   embeddings have no spread (many-positive masks such as GCL's can sit near that value while learning).
 - :class:`SelfDistillationCollapse` (Alice): the teacher sends every row to the same prototype (usage near
   1/K) or gives every row the uniform distribution (entropy near ln K).
-- :class:`SignalCeiling` (VoCo): a logged similarity of features that should differ (e.g. the mean cosine
-  between base crops) stays at or above a ceiling.
+- :class:`SignalBound` (VoCo, MAE): a logged signal stays past a bound — VoCo: the mean cosine between base
+  crops (features that must differ) at or above 0.99; MAE: the spread of the reconstruction at or below 1% of
+  the target's (the decoder paints a constant).
 """
 
 from __future__ import annotations
@@ -67,18 +68,19 @@ class SelfDistillationCollapse(Monitor):
 
 
 @dataclass
-class SignalCeiling(Monitor):
-    """Collapse when the method's ``column`` (a similarity in [0, 1]) stays at or above ``ceiling``."""
+class SignalBound(Monitor):
+    """Collapse when the method's logged ``column`` stays at or above ``bound`` (``above``) or at or below it."""
 
     column: str = "collapse_signal"
-    ceiling: float = 0.99
+    bound: float = 0.99
+    above: bool = True
     message: str = "the features of different inputs are all alike"
 
     def collapsed(self, row: dict[str, float]) -> str | None:
         value = row.get(self.column, float("nan"))
-        if math.isnan(value) or value < self.ceiling:
+        if math.isnan(value) or (value < self.bound if self.above else value > self.bound):
             return None
-        return f"{self.message} ({self.column} {value:.4f} >= {self.ceiling})"
+        return f"{self.message} ({self.column} {value:.4f} {'>=' if self.above else '<='} {self.bound})"
 
 
-__all__ = ["ContrastiveCollapse", "Monitor", "SelfDistillationCollapse", "SignalCeiling"]
+__all__ = ["ContrastiveCollapse", "Monitor", "SelfDistillationCollapse", "SignalBound"]

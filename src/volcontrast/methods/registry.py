@@ -32,6 +32,9 @@ class MethodSpec:
     cls: type
     section: str | None = None  # config section (top-level YAML key) the method reads, if any
     summary: str = ""
+    # partial config (nested dict) that makes one step small enough for a CPU at 16³ crops: the contract test
+    # and `volcontrast bench gpu --smoke` run every registered method with it
+    small: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -56,8 +59,9 @@ def register_section(name: str, config: type) -> None:
 
 
 def register_method(name: str, cls: type, *, section: str | None = None, config: type | None = None,
-                    summary: str = "") -> MethodSpec:
-    """Register method ``name`` (the ``--method`` value). ``config``, when given, registers ``section``."""
+                    summary: str = "", small: dict[str, Any] | None = None) -> MethodSpec:
+    """Register method ``name`` (the ``--method`` value). ``config``, when given, registers ``section``;
+    ``small`` is a partial config for tiny CPU runs (16³ crops) of this method."""
     if name in _METHODS and _METHODS[name].cls is not cls:
         raise ValueError(f"method {name!r} is already registered by {_METHODS[name].cls.__module__}")
     if config is not None:
@@ -66,7 +70,7 @@ def register_method(name: str, cls: type, *, section: str | None = None, config:
         register_section(section, config)
     elif section is not None and section not in _SECTIONS:
         raise ValueError(f"method {name!r}: unknown config section {section!r}; register it with a config class")
-    spec = MethodSpec(name=name, cls=cls, section=section, summary=summary)
+    spec = MethodSpec(name=name, cls=cls, section=section, summary=summary, small=dict(small or {}))
     _METHODS[name] = spec
     return spec
 

@@ -334,6 +334,8 @@ class SpadeNoDebias(Spade):
         super().__init__(backbone, config, table)
 
 
-register_method("spade", Spade, section="spade", config=SpadeConfig,
+SMALL = {"spade": {"global_queue": 16, "local_queue": 256, "local_points": 128}}
+register_method("spade", Spade, section="spade", config=SpadeConfig, small=SMALL,
                 summary="cross-scan correspondences choose global + local positives/negatives (our interpretation)")
-register_method("spade-nodebias", SpadeNoDebias, section="spade", summary="Spade without spatial debiasing")
+register_method("spade-nodebias", SpadeNoDebias, section="spade", small=SMALL,
+                summary="Spade without spatial debiasing")

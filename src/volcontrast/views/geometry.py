@@ -102,3 +102,43 @@ def view_geometry(case_index: Tensor, box_lower: Tensor, voxel_to_box: Tensor, c
     if len(crop_size) == 2:  # paper parity for slices: (i + 1) / n along the scan axis
         index[:, 2] = (full[:, 2] + 1.0) / table.resampled_shape[case_index, 2]
     return ViewGeometry(case_index, m, world, body, index, dict(params or {}))
+
+
+def world_boxes(voxel_to_cached: Tensor, crop_size: tuple[int, ...], affine: Tensor) -> tuple[Tensor, Tensor]:
+    """Axis-aligned world boxes (mm) of N 3D views: the bounding box of the view's voxel cube (edges at
+    ``-0.5`` and ``size - 0.5`` of each view axis) mapped view voxel -> cached voxel -> world.
+
+    With flips (and any axis permutation) the box is exactly the view's footprint; with rotations it is the
+    footprint's bounding box.
+
+    Args:
+        voxel_to_cached: (N, 4, 4) view voxel -> cached voxel (``ViewGeometry.voxel_to_cached``).
+        crop_size: the view's 3 sizes.
+        affine: (N, 4, 4) cached voxel -> world mm of each view's case.
+
+    Returns:
+        ``(lower, upper)``, each (N, 3) float64 world mm.
+    """
+    if len(crop_size) != 3:
+        raise ValueError(f"world_boxes needs 3D views, got crop size {tuple(crop_size)}")
+    lo = [-0.5] * 3
+    hi = [s - 0.5 for s in crop_size]
+    corners = torch.tensor([[hi[0] if i & 1 else lo[0], hi[1] if i & 2 else lo[1], hi[2] if i & 4 else lo[2], 1.0]
+                            for i in range(8)], dtype=torch.float64)  # (8, 4)
+    m = affine.to(torch.float64) @ voxel_to_cached.to(torch.float64)  # (N, 4, 4) view voxel -> world
+    world = torch.einsum("nij,kj->nki", m, corners)[..., :3]  # (N, 8, 3)
+    return world.min(dim=1).values, world.max(dim=1).values
+
+
+def overlap_fractions(target_lower: Tensor, target_upper: Tensor, base_lower: Tensor, base_upper: Tensor) -> Tensor:
+    """Fraction of each target box's volume that lies inside each base box (VoCo's labels).
+
+    ``y[t, k] = Π_a max(0, min(U_t,a, U_k,a) − max(L_t,a, L_k,a)) / Π_a (U_t,a − L_t,a)`` over the box axes.
+
+    Shapes:
+        targets (T, A), bases (K, A) -> (T, K) in [0, 1]; ``A`` axes (3 for volumes).
+    """
+    inter = (torch.minimum(target_upper[:, None], base_upper[None]) -
+             torch.maximum(target_lower[:, None], base_lower[None])).clamp_min(0)  # (T, K, A)
+    size = (target_upper - target_lower).clamp_min(1e-12)  # (T, A)
+    return inter.prod(-1) / size.prod(-1)[:, None]

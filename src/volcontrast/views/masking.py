@@ -1,4 +1,11 @@
-"""Tube masks for masked image modelling (Alice): in-plane blocks extruded through the slice axis.
+"""Masks for masked image modelling: tube masks (Alice) and block masks (MAE).
+
+:func:`block_mask` (MAE, nnssl): the volume is cut into a grid of ``bx × by × bz`` blocks (``⌈X / bx⌉ ·
+⌈Y / by⌉ · ⌈Z / bz⌉``; partial blocks at the far edges), and exactly ``n = round(ratio · n_blocks)`` blocks
+(half rounded up) are masked per sample: with sizes that are multiples of the block the masked voxel fraction is
+exactly ``n / n_blocks`` (32³ crops, 16³ blocks, 6 of 8 → 75 %; nnssl: 160³, 16³, 750 of 1000).
+
+:func:`tube_mask` (Alice): in-plane blocks extruded through the slice axis.
 
 The plane spanned by the two axes other than ``slice_axis`` is cut into a grid of ``bh × bw`` blocks
 (``gh = ⌈H / bh⌉`` by ``gw = ⌈W / bw⌉``; the last row/column of blocks may be partial and then masks only the
@@ -28,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["apply_mask", "masked_mse", "tube_mask"]
+__all__ = ["apply_mask", "block_mask", "masked_mse", "tube_mask"]
 
 
 def _pair(block: int | Sequence[int]) -> tuple[int, int]:
@@ -95,6 +102,50 @@ def tube_mask(
     if axis is None:
         return in_plane.contiguous()
     return in_plane.unsqueeze(axis + 1).expand(batch, *shape).contiguous()
+
+
+def block_mask(
+    batch: int,
+    spatial_shape: Sequence[int],
+    ratio: float = 0.75,
+    block: int | Sequence[int] = 16,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Random block masks (MAE), an independent draw per sample.
+
+    Args:
+        batch: number of samples ``B`` (>= 0).
+        spatial_shape: ``(X, Y, Z)`` (or ``(H, W)``).
+        ratio: fraction of blocks to mask, in ``[0, 1)``.
+        block: block size, one int or one per axis.
+        generator: random source (seeded → the same masks).
+        device: device of the returned mask (default CPU).
+
+    Returns:
+        bool ``(B, *spatial_shape)``, True = masked.
+    """
+    shape = tuple(int(s) for s in spatial_shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"spatial_shape must be 2 or 3 positive sizes, got {tuple(spatial_shape)}")
+    if batch < 0:
+        raise ValueError(f"batch must be >= 0, got {batch}")
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    sizes = (int(block),) * len(shape) if isinstance(block, int) else tuple(int(b) for b in block)
+    if len(sizes) != len(shape) or min(sizes) < 1:
+        raise ValueError(f"block must be one size or {len(shape)} sizes, each >= 1, got {block}")
+    grid = tuple(math.ceil(s / b) for s, b in zip(shape, sizes))
+    n_blocks = math.prod(grid)
+    n_masked = min(n_blocks, math.floor(ratio * n_blocks + 0.5))
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    order = torch.rand(batch, n_blocks, generator=generator, device=gen_device).argsort(dim=1)
+    chosen = order < n_masked  # ranks of a random permutation: exactly n_masked True per row
+    mask = chosen.to(device if device is not None else "cpu").view(batch, *grid)
+    for axis, b in enumerate(sizes):
+        mask = mask.repeat_interleave(b, dim=axis + 1)
+    index = (slice(None), *(slice(0, s) for s in shape))
+    return mask[index].contiguous()
 
 
 def _check_mask(x: Tensor, mask: Tensor, name: str) -> None:

@@ -22,21 +22,47 @@ import torch
 from volcontrast.data.cache import Cache
 
 
-def cut_box(array: np.ndarray, lower: np.ndarray, size: tuple[int, ...], pad_value: float) -> np.ndarray:
-    """``array[..., lower:lower+size]`` over the last ``len(size)`` axes, padding outside with ``pad_value``."""
+def cut_box(array: np.ndarray, lower: np.ndarray, size: tuple[int, ...], pad_value: float,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """``array[..., lower:lower+size]`` over the last ``len(size)`` axes, padding outside with ``pad_value``.
+
+    ``out`` (float32, ``array.shape[:-nd] + size``, e.g. one row of a preallocated batch) receives the box
+    instead of a new array: one copy from the memory map, and the padding fill only for boxes that leave it.
+    """
     nd = len(size)
     spatial = array.shape[-nd:]
-    out = np.full(array.shape[:-nd] + tuple(size), pad_value, dtype=np.float32)
+    shape = array.shape[:-nd] + tuple(size)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
     src, dst = [], []
     for lo, n, dim in zip(lower, size, spatial):
         a, b = max(int(lo), 0), min(int(lo) + n, dim)
         if b <= a:
+            out.fill(pad_value)
             return out
         src.append(slice(a, b))
         dst.append(slice(a - int(lo), b - int(lo)))
+    if any(s.start != 0 or s.stop != n for s, n in zip(dst, size)):
+        out.fill(pad_value)
     lead = (slice(None),) * (array.ndim - nd)
     out[(*lead, *dst)] = array[(*lead, *src)]
     return out
+
+
+def batch_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | torch.Tensor]:
+    """A float32 batch to fill in place: ``(array to write into, object to return)``.
+
+    In a DataLoader worker the buffer is a tensor already in shared memory, so handing it to the main process
+    costs no copy (the DataLoader would otherwise copy every returned array into shared memory; what it yields
+    is a tensor either way). Elsewhere it is a plain NumPy array.
+    """
+    if torch.utils.data.get_worker_info() is not None:
+        t = torch.empty(shape, dtype=torch.float32).share_memory_()
+        return t.numpy(), t
+    a = np.empty(shape, dtype=np.float32)
+    return a, a
 
 
 @dataclass
@@ -48,6 +74,7 @@ class BoxSamplerConfig:
     volumes_per_batch: int = 2
     crops_per_volume: int = 4
     dim: int = 3  # 3: crops; 2: axial slices (paper parity)
+    pad_small: bool = False  # 3D: a scan smaller than the crop on an axis is centred and padded (VoCo regions)
 
 
 class StepSampler(torch.utils.data.Dataset):
@@ -101,7 +128,8 @@ class BoxSampler(StepSampler):
         super().__init__(cache_root, case_ids, seed=seed, rank=rank, steps=steps)
         self.config = config
         # check sizes once, in the main process (clear error naming the case)
-        self.cache.check_min_size(config.crop_size, self.case_ids)
+        if not config.pad_small:
+            self.cache.check_min_size(config.crop_size, self.case_ids)
 
     def rng(self, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), self.rank, 0x5A3])
@@ -111,32 +139,39 @@ class BoxSampler(StepSampler):
         rng = self.rng(step)
         n = len(self.case_ids)
         volumes = rng.choice(n, size=cfg.volumes_per_batch, replace=n < cfg.volumes_per_batch)
-        boxes, box_lower, crop_lower, case_index = [], [], [], []
+        box_lower, crop_lower, case_index = [], [], []
+        boxes: np.ndarray | None = None  # (M, C, *box) filled in place: no per-box array, no stacking copy
+        handed: np.ndarray | torch.Tensor | None = None
+        i = 0
         for v in volumes:
             cid = self.case_ids[int(v)]
             image = self.cache.image(cid)
             shape = np.asarray(image.shape[1:])
             pad_value = self.pad_value(cid)
+            if boxes is None:
+                m = cfg.volumes_per_batch * cfg.crops_per_volume
+                boxes, handed = batch_buffer((m, image.shape[0], *cfg.box_size))
             for _ in range(cfg.crops_per_volume):
                 if cfg.dim == 3:
-                    lo_crop = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape, cfg.crop_size)])
+                    lo_crop = np.array([rng.integers(0, s - c + 1) if s >= c else (s - c) // 2
+                                        for s, c in zip(shape, cfg.crop_size)])
                     lo_box = lo_crop - (np.asarray(cfg.box_size) - np.asarray(cfg.crop_size)) // 2
-                    box = cut_box(image, lo_box, cfg.box_size, pad_value)
+                    cut_box(image, lo_box, cfg.box_size, pad_value, out=boxes[i])
                     lower3 = lo_box
                     crop3 = lo_crop
                 else:
                     z = int(rng.integers(0, shape[2]))
                     lo_crop = np.array([rng.integers(0, s - c + 1) for s, c in zip(shape[:2], cfg.crop_size)])
                     lo_box = lo_crop - (np.asarray(cfg.box_size) - np.asarray(cfg.crop_size)) // 2
-                    box = cut_box(image[..., z], lo_box, cfg.box_size, pad_value)
+                    cut_box(image[..., z], lo_box, cfg.box_size, pad_value, out=boxes[i])
                     lower3 = np.array([lo_box[0], lo_box[1], z])
                     crop3 = np.array([lo_crop[0], lo_crop[1], z])
-                boxes.append(box)
+                i += 1
                 box_lower.append(lower3)
                 crop_lower.append(crop3)
                 case_index.append(int(v))
         return {
-            "boxes": np.stack(boxes).astype(np.float32, copy=False),
+            "boxes": handed,
             "box_lower": np.asarray(box_lower, dtype=np.int64),
             "crop_lower": np.asarray(crop_lower, dtype=np.int64),
             "case_index": np.asarray(case_index, dtype=np.int64),
