@@ -536,3 +536,53 @@ def test_written_files_honour_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "s.nii.gz").stat().st_mode & 0o777 == 0o640
+
+
+# ----------------------------------------------------------------------------- 9. containment
+
+
+@pytest.mark.parametrize("layout", ["msd", "csv"])
+def test_listed_files_outside_the_dataset_folder_are_refused(tmp_path, capsys, layout):
+    import json
+
+    image, _, affine = phantom()
+    save_volume(tmp_path / "elsewhere" / "x.nii.gz", image, affine)
+    root = tmp_path / "raw"
+    root.mkdir()
+    outside = "../elsewhere/x.nii.gz"
+    if layout == "msd":
+        listed = root / "dataset.json"
+        listed.write_text(json.dumps({**MSD, "training": [], "test": [outside]}))
+        what = "test entry 0"
+    else:
+        listed = root / "list.csv"
+        listed.write_text(f"image\n{outside}\n")
+        what = 'row 1: "image"'
+    code, err = run_cli(["prepare", listed, "--out", tmp_path / "cache"], capsys)
+    assert code == 2
+    _one_line(err, listed, f"{what} {outside!r} is outside the dataset folder {root}; use --allow-outside if that"
+                           " is intended")
+    if layout == "csv":  # an absolute path elsewhere, too
+        listed.write_text(f"image\n{tmp_path / 'elsewhere' / 'x.nii.gz'}\n")
+        code, err = run_cli(["prepare", listed, "--out", tmp_path / "cache"], capsys)
+        assert code == 2 and "is outside the dataset folder" in err
+    code, err = run_cli(["prepare", listed, "--out", tmp_path / "cache", "--allow-outside", "--workers", 1], capsys)
+    assert code == 0 and open_cache(tmp_path / "cache").ids == ["x"]
+
+
+def test_a_read_only_run_folder_is_one_line(phantom_cache, tmp_path, capsys, monkeypatch):
+    """(Simulated: the tests may run as root, for whom permission bits do not stop a write.)"""
+    from volcontrast.utils import files as files_mod
+
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(30, "Read-only file system", str(path))
+        return real_open(path, *a, **k)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(files_mod.os, "open", read_only)
+    code, err = run_cli(["pretrain", phantom_cache, "--out", tmp_path / "ro", "--quiet"], capsys)
+    assert code == 2
+    _one_line(err, tmp_path / "ro", "cannot write: the folder is on a read-only file system")

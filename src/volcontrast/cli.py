@@ -84,12 +84,15 @@ def prepare(
         False, "--skip-bad", help="Skip unreadable or inconsistent cases and list them at the end."
     ),
     cubic: bool = typer.Option(False, "--cubic", help="Cubic instead of linear image interpolation."),
+    allow_outside: bool = typer.Option(
+        False, "--allow-outside", help="Accept files a dataset.json or list names outside its folder."
+    ),
 ) -> None:
     """Resample, normalise and crop a dataset into the memory-mapped cache (resumable)."""
     from volcontrast.data.prepare import PrepareSettings, prepare_dataset
 
     settings = PrepareSettings(spacing=spacing, modality=modality, image_order=3 if cubic else 1)
-    report = prepare_dataset(data, out, settings, workers=workers, skip_bad=skip_bad)
+    report = prepare_dataset(data, out, settings, workers=workers, skip_bad=skip_bad, allow_outside=allow_outside)
     _echo(
         f"prepared {len(report.prepared)} case(s), reused {len(report.reused)} unchanged, "
         f"skipped {len(report.skipped)} in {report.seconds:.1f} s -> {out}"

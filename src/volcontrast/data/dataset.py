@@ -15,6 +15,7 @@ Unlabelled test images (``imagesTs``) are kept as unlabelled cases: they are pre
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import io
 import json
@@ -78,12 +79,21 @@ def _modality_from_names(names: list[str]) -> str:
     return "ct" if names and names[0].strip().upper() == "CT" else "mr"
 
 
+_ALLOW_OUTSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_outside", default=False)
+
+
 def _resolve(base: Path, rel: object, listed_in: Path, what: str = "path") -> Path:
+    """A listed path, relative to ``base``; it must stay inside ``base`` (no ``..`` out of it, no absolute path
+    elsewhere) unless ``open_dataset(..., allow_outside=True)``."""
     if not isinstance(rel, str) or not rel.strip():
         raise InputError(listed_in, f"{what} must be a file path (a string), got {json.dumps(rel)[:60]}")
     p = Path(rel)
     p = p if p.is_absolute() else (base / p)
     p = Path(os.path.normpath(p))
+    top = Path(os.path.normpath(base.absolute()))
+    if not _ALLOW_OUTSIDE.get() and not Path(os.path.normpath(p.absolute())).is_relative_to(top):
+        raise InputError(listed_in, f"{what} {rel!r} is outside the dataset folder {base}; use --allow-outside"
+                                    " if that is intended")
     if not p.exists():
         raise InputError(p, f"file listed in {listed_in} is missing")
     return p
@@ -275,18 +285,29 @@ def _open_list(path: Path) -> Dataset:
     return Dataset(path, "list", _check_unique(cases, path))
 
 
-def open_dataset(path: str | os.PathLike) -> Dataset:
+def open_dataset(path: str | os.PathLike, *, allow_outside: bool = False) -> Dataset:
     """Discover the cases of a dataset in any accepted layout (see module docstring).
 
+    ``allow_outside``: accept files listed in a dataset.json or list that lie outside its folder (``../``,
+    absolute paths elsewhere); refused by default.
+
     Raises:
-        InputError: missing path, empty folder, a listed file that does not exist, malformed dataset.json.
+        InputError: missing path, empty folder, a listed file that does not exist or lies outside the dataset
+            folder, malformed dataset.json.
     """
-    p = Path(path)
+    token = _ALLOW_OUTSIDE.set(allow_outside)
+    try:
+        return _open_dataset(Path(path))
+    finally:
+        _ALLOW_OUTSIDE.reset(token)
+
+
+def _open_dataset(p: Path) -> Dataset:
     if not p.exists():
         raise InputError(p, "dataset path not found")
     if p.is_file():
         if p.name == "dataset.json":
-            return open_dataset(p.parent)
+            return _open_dataset(p.parent)
         if p.suffix.lower() in (".csv", ".json"):
             return _open_list(p)
         raise InputError(p, "expected a dataset folder, a dataset.json, or a .csv/.json list of scans")

@@ -347,6 +347,7 @@ def prepare_dataset(
     workers: int | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    allow_outside: bool = False,
 ) -> PrepareReport:
     """Preprocess dataset ``data`` (any accepted layout) into the cache folder ``out``.
 
@@ -356,7 +357,7 @@ def prepare_dataset(
     t0 = time.perf_counter()
     settings = settings or PrepareSettings()
     out = Path(out)
-    ds = open_dataset(data)
+    ds = open_dataset(data, allow_outside=allow_outside)
     report = PrepareReport(out=out)
     claim_folder(out)  # one writer per cache (released when this process exits)
     try:
