@@ -24,3 +24,15 @@ def test_user_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("VOLCONTRAST_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert user_cache_dir() == tmp_path / "x" / "volcontrast"
+
+
+def test_demo_says_how_many_scratch_runs_converged():
+    from volcontrast.bench.demo import convergence_sentence
+
+    rows = [{"method": "scratch", "labeled": m, "fold": 0, "seed": 0, "at": 1.0, "converged": c}
+            for m, c in ((1, 1.0), (2, 0.0))]
+    rows += [{"method": "scratch", "labeled": 1, "fold": 0, "seed": 0, "at": 0.3, "converged": 1.0},
+             {"method": "pcl", "labeled": 1, "fold": 0, "seed": 0, "at": 1.0, "converged": 1.0}]
+    text = convergence_sentence(rows)
+    assert "in 1 of 2 runs" in text and "speed, not a better model" in text
+    assert "speed" not in convergence_sentence(rows[:1]) and "in 1 of 1 runs" in convergence_sentence(rows[:1])

@@ -58,6 +58,7 @@ class BenchmarkConfig:
     eval_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # shares of the steps scored on test
     scratch_lr: float = 0.0  # scratch's own learning rate (0 = the fine-tuning config's optim.lr)
     lr_sweep: list[float] = field(default_factory=list)  # candidates: sweep scratch's lr first (dev cases)
+    sweep_labeled: list[int] = field(default_factory=list)  # budgets the sweep fine-tunes with (empty = labeled)
     converge_tol: float = CONVERGE_TOL  # training Dice flat within this over the last 20% of the steps
     eval: str = "finetune"  # finetune | frozen (every method as ``+frozen``: encoder fixed, decoder trained)
     folds: int = 3
@@ -257,7 +258,8 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
                      log=print) -> float:
     """Choose scratch's learning rate among ``config.lr_sweep`` on development cases, never a test fold.
 
-    Scratch is fine-tuned with every candidate at every budget of ``config.labeled`` on the first run fold and
+    Scratch is fine-tuned with every candidate at every budget of ``config.sweep_labeled`` (default: ``labeled``)
+    on the first run fold and
     seed (the same recipe and steps as the benchmark), and scored (last weights) on that fold's validation cases,
     which are never trained on; the candidate with the highest mean Dice wins (ties: the smaller lr). The record
     goes to ``OUT/lr_sweep.json`` (reused when it lists the same candidates) and into ``results.md``.
@@ -282,9 +284,10 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
     sweep_cfg = merge(config, {"val": 0, "eval_at": [1.0]})
     scores = []
     steps = 0
+    budgets = list(config.sweep_labeled or config.labeled)
     for lr in lrs:
         dice = []
-        for budget in config.labeled:
+        for budget in budgets:
             run = out / "runs" / "lr_sweep" / f"scratch_lr{lr:g}_M{budget}"
             if run.exists():
                 shutil.rmtree(run)
@@ -295,7 +298,7 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
             dice.append(evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"])
         scores.append(_nanmean(dice))
     best = max(range(len(lrs)), key=lambda i: (scores[i] if not math.isnan(scores[i]) else -1.0, -lrs[i]))
-    atomic_write_json(record, {"lrs": lrs, "dice": scores, "chosen": lrs[best], "budgets": list(config.labeled),
+    atomic_write_json(record, {"lrs": lrs, "dice": scores, "chosen": lrs[best], "budgets": budgets,
                                "where": f"fold {fold} validation cases, seed {seed}", "fold": fold, "cases": dev,
                                "steps": steps})
     log(f"[lr sweep] scratch learning rate {lrs[best]:g} (mean development Dice {scores[best]:.4f})")
