@@ -586,3 +586,11 @@ def test_a_read_only_run_folder_is_one_line(phantom_cache, tmp_path, capsys, mon
     code, err = run_cli(["pretrain", phantom_cache, "--out", tmp_path / "ro", "--quiet"], capsys)
     assert code == 2
     _one_line(err, tmp_path / "ro", "cannot write: the folder is on a read-only file system")
+
+
+def test_an_unknown_yaml_key_names_the_file(phantom_cache, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("stepz: 3\n")
+    code, err = run_cli(["pretrain", phantom_cache, "--out", tmp_path / "run", "--config", tmp_path / "c.yaml",
+                         "--quiet"], capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path / 'c.yaml'}: config: unknown key(s) ['stepz']; known:")
+    assert err.count("\n") == 1

@@ -164,7 +164,10 @@ def resolve(cls: type[T], presets: dict[str, dict[str, Any]], preset: str | None
                 raise InputError("--preset", f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
             cfg = merge(cfg, presets[preset])
         if yaml_data:
-            cfg = merge(cfg, yaml_data)
+            try:
+                cfg = merge(cfg, yaml_data)
+            except ValueError as exc:  # name the YAML file (load_yaml records it)
+                raise InputError(getattr(yaml_data, "source", "config"), str(exc)) from None
         if overrides:
             cfg = merge(cfg, drop_none(overrides))
     except ValueError as exc:
@@ -176,15 +179,25 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "config file not found")
+    from volcontrast.utils.files import read_text
+
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(p))
     except yaml.YAMLError as exc:
         raise InputError(p, f"not valid YAML: {' '.join(str(exc).split())}") from None
     if data is None:
-        return {}
+        data = {}
     if not isinstance(data, dict):
         raise InputError(p, "config must be a mapping of keys to values")
-    return data
+    return YamlDict(data, source=str(p))
+
+
+class YamlDict(dict):
+    """A loaded YAML mapping that remembers its file (``source``), so errors about its keys can name it."""
+
+    def __init__(self, data: dict[str, Any], source: str):
+        super().__init__(data)
+        self.source = source
 
 
 def save_yaml(path: str | os.PathLike, obj: Any) -> Path:
