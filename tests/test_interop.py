@@ -236,6 +236,7 @@ def test_monai_bundle_runs_on_a_scan_with_monai_bundle_run(tmp_path):
     monai.bundle.run(run_id="run", init_id="initialize", meta_file=str(bundle / "configs" / "metadata.json"),
                      config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
                      dataset_dir=str(tmp_path / "scans"), output_dir=str(tmp_path / "out"))
+    assert torch.is_grad_enabled()  # the bundle runs under no_grad without switching autograd off for good
     seg = nib.load(str(tmp_path / "out" / "case0_seg.nii.gz"))
     assert seg.shape == image.shape  # the scan's own grid (same spacing: nothing resampled)
     np.testing.assert_allclose(seg.affine, affine)
@@ -382,3 +383,13 @@ def test_case_smaller_than_the_patch_is_padded_trains_and_predicts(tmp_path):
     got, src = nib.load(str(out)), nib.load(str(scan))
     assert got.shape == src.shape == (12, 10, 8)
     np.testing.assert_array_equal(got.affine, src.affine)
+
+
+def test_pretrain_plans_flag_builds_exactly_the_plans_network(phantom_cache, tmp_path):
+    plans = _write(tmp_path / "nnUNetPlans.json", _plans())
+    run = tmp_path / "run"
+    assert _cli(["pretrain", phantom_cache, "--plans", plans, "--preset", "cpu-tiny", "--steps", "1",
+                 "--crop", "16", "--crop", "16", "--crop", "16", "--workers", "0", "--out", run, "--quiet"]) == 0
+    expected = backbone_from_nnunet_plans(plans, in_channels=1, num_classes=2).arch_config()
+    assert json.loads((run / "model.json").read_text())["architecture"] == expected
+    export_nnunet(run, plans, tmp_path / "w.pth")  # and it exports against the same plans

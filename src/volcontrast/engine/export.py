@@ -221,10 +221,10 @@ def monai_inference_config(net: Backbone, meta: dict[str, Any]) -> dict[str, Any
             {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
              "output_dtype": "$torch.uint8", "resample": False, "separate_folder": False},
         ]},
-        "predict": ("$lambda batch: [@postprocessing(item) for item in monai.data.decollate_batch("
-                    "{**batch, 'pred': @inferer(batch['image'].to(@device), @network)})]"),
-        "initialize": ["$monai.utils.set_determinism(seed=0)", "@load_weights"],
-        "run": ["$torch.set_grad_enabled(False)", "$[@predict(batch) for batch in @dataloader]"],
+        "predict": ("$torch.no_grad()(lambda batch: [@postprocessing(item) for item in monai.data.decollate_batch("
+                    "{**batch, 'pred': @inferer(batch['image'].to(@device), @network)})])"),
+        "initialize": ["@load_weights"],
+        "run": ["$[@predict(batch) for batch in @dataloader]"],
     }
 
 
