@@ -154,6 +154,12 @@ def test_nnunet_trainer_takes_the_export_as_pretrained_weights(plans_run, tmp_pa
     _, run, net = plans_run
     folder = _nnunet_preprocessed(tmp_path / "nnUNet_preprocessed", _plans())
     out = export_nnunet(run, folder / "nnUNetPlans.json", tmp_path / "pretrained.pth")
+    two_channels = _write(tmp_path / "dataset.json", {"channel_names": {"0": "CT", "1": "PET"}})
+    _write(tmp_path / "nnUNetPlans.json", _plans())
+    with pytest.raises(InputError) as info:  # the dataset.json beside the plans is checked too
+        export_nnunet(run, tmp_path / "nnUNetPlans.json", tmp_path / "x.pth")
+    assert info.value.line() == (f"{two_channels}: the dataset has 2 input channel(s) (CT, PET) but the run's network "
+                                 "takes 1; nnU-Net would refuse its first convolution")
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False  # as run_training.get_trainer_from_args sets it
     trainer = nnUNetTrainer_1epoch(plans=plans, configuration="3d_fullres", fold=0, device=torch.device("cpu"),

@@ -121,10 +121,27 @@ def nnunet_weights(net: Backbone, plans: str | os.PathLike, configuration: str =
     return {k: ours[k].detach().cpu() for k in want}
 
 
+def _check_dataset_channels(net: Backbone, plans: str | os.PathLike) -> None:
+    """nnU-Net keeps the dataset's ``dataset.json`` next to its plans (``nnUNet_preprocessed/DatasetXXX/``); its
+    channel count must be the run's, or nnU-Net refuses the first convolution."""
+    path = Path(plans).parent / "dataset.json"
+    if not path.is_file():
+        return
+    try:
+        channels = json.loads(path.read_text(encoding="utf-8")).get("channel_names") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    if channels and len(channels) != net.in_channels:
+        names = ", ".join(map(str, channels.values()))
+        raise InputError(path, f"the dataset has {len(channels)} input channel(s) ({names}) but the run's network "
+                         f"takes {net.in_channels}; nnU-Net would refuse its first convolution")
+
+
 def export_nnunet(run_dir: str | os.PathLike, plans: str | os.PathLike, out: str | os.PathLike,
                   configuration: str = "3d_fullres") -> Path:
     """Write ``{"network_weights": ...}`` for ``nnUNetv2_train ... -pretrained_weights out``; returns ``out``."""
     net, _ = load_run_backbone(run_dir)
+    _check_dataset_channels(net, plans)
     weights = nnunet_weights(net, plans, configuration, run_name=f"run {run_dir}")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
