@@ -172,6 +172,15 @@ def test_nnunet_trainer_takes_the_export_as_pretrained_weights(plans_run, tmp_pa
     assert len(non_seg) == len(torch.load(out, weights_only=True)["network_weights"])
     for key in non_seg:
         assert torch.equal(state[key], ours[key]), key
+    # ... and back: the checkpoint nnU-Net's trainer writes initialises `finetune --init` with the same encoder
+    from volcontrast.engine.finetune import FinetuneConfig, build_segmentation_backbone
+
+    trainer.save_checkpoint(str(tmp_path / "checkpoint_final.pth"))
+    got, note = build_segmentation_backbone(SimpleNamespace(num_classes=4, channels=1),
+                                            FinetuneConfig(init=str(tmp_path / "checkpoint_final.pth")))
+    assert note.startswith("nnU-Net v2 checkpoint")
+    for key, value in _encoder(net).items():
+        assert torch.equal(got.state_dict()[key], value), key
 
 
 def test_nnunet_export_mismatch_names_first_key_and_both_shapes(plans_run, tmp_path, capsys):
