@@ -89,10 +89,10 @@ def test_interrupting_the_checkpoint_at_each_rename_resumes_exactly(phantom_cach
                 raise Kill
         return real_replace(src, dst)
 
-    def save(self, model, model_json, state, step, keep):
+    def save(self, model, model_json, state, step, keep, **kw):
         calls["armed"] = step == 4
         try:
-            return real_save(self, model, model_json, state, step, keep)
+            return real_save(self, model, model_json, state, step, keep, **kw)
         finally:
             calls["armed"] = False
 
@@ -121,9 +121,9 @@ KILLER = textwrap.dedent("""
             if n[0] == nth:
                 os.kill(os.getpid(), signal.SIGKILL)
         return real_replace(src, dst)
-    def save(self, model, model_json, state, step, keep):
+    def save(self, model, model_json, state, step, keep, **kw):
         armed[0] = step == 4
-        return real_save(self, model, model_json, state, step, keep)
+        return real_save(self, model, model_json, state, step, keep, **kw)
     os.replace, run_mod.RunDir.save = replace, save
     pretrain({cache!r}, {out!r}, resolve_pretrain_config("cpu-tiny", {tiny!r}, {{}}), progress=False)
 """)
@@ -222,6 +222,13 @@ def test_a_second_prepare_on_one_cache_exits_2_naming_the_holder(tmp_path, capsy
                                  " wait for it to finish or choose another folder\n")
     assert not (tmp_path / "cache" / "manifest.json").exists()
 
+
+
+def test_locks_are_released_when_the_writer_finishes(phantom_cache, tmp_path, holder):
+    pretrain(phantom_cache, tmp_path / "run", _cfg(steps=2), progress=False)
+    holder(tmp_path / "run")  # another process can claim it now
+    prepare_dataset(write_nnunet(tmp_path / "raw", n=1), tmp_path / "cache", workers=1, progress=False)
+    holder(tmp_path / "cache")
 
 # ----------------------------------------------------------------------------- 3. a failed prepare rerun
 

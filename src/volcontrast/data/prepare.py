@@ -50,6 +50,7 @@ from volcontrast.utils.files import (
     claim_folder,
     file_digest,
     read_json,
+    release_folder,
     remove_quietly,
     stable_hash,
 )
@@ -349,17 +350,35 @@ def prepare_dataset(
     progress: bool = True,
     allow_outside: bool = False,
 ) -> PrepareReport:
-    """Preprocess dataset ``data`` (any accepted layout) into the cache folder ``out``.
+    """Preprocess dataset ``data`` (any accepted layout) into the cache folder ``out``, holding its lock.
 
     Raises:
-        InputError: the first bad case (unless ``skip_bad``): every case finished before it stays in the cache.
+        InputError: the first bad case (unless ``skip_bad``): every case finished before it stays in the cache
+            (and a cache that was complete before stays as it was); another process is writing ``out``.
     """
+    try:
+        return _prepare_dataset(data, out, settings, workers=workers, skip_bad=skip_bad, progress=progress,
+                                allow_outside=allow_outside)
+    finally:
+        release_folder(out)
+
+
+def _prepare_dataset(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: PrepareSettings | None,
+    *,
+    workers: int | None,
+    skip_bad: bool,
+    progress: bool,
+    allow_outside: bool,
+) -> PrepareReport:
     t0 = time.perf_counter()
     settings = settings or PrepareSettings()
     out = Path(out)
     ds = open_dataset(data, allow_outside=allow_outside)
     report = PrepareReport(out=out)
-    claim_folder(out)  # one writer per cache (released when this process exits)
+    claim_folder(out)  # one writer per cache (released when prepare_dataset returns)
     try:
         (out / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as exc:

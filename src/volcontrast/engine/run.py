@@ -45,6 +45,7 @@ from volcontrast.utils.files import (
     file_digest,
     fsync_file,
     read_json,
+    release_folder,
     remove_quietly,
     remove_stale_tmp,
     umask,
@@ -371,10 +372,12 @@ class RunDir:
         return config
 
     def save(self, model: torch.nn.Module, model_json: dict[str, Any], trainer_state: dict[str, Any], step: int,
-             keep: bool) -> None:
+             keep: bool, final: bool = False) -> None:
         """Commit the checkpoint of ``step`` (one atomic rename of ``checkpoint.json``); ``keep`` keeps its step
-        folder as a snapshot after later checkpoints."""
+        folder as a snapshot after later checkpoints; after the ``final`` one the folder's lock is released."""
         _commit(self.root, model, {**model_json, "step": step}, trainer_state, step, keep)
+        if final:
+            release_folder(self.root)
 
     def prune(self, keep_every: int) -> None:
         """Remove snapshot folders that are not multiples of ``keep_every`` (never the committed one)."""

@@ -318,7 +318,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                     if export is not module:
                         state["module_state"] = deduplicated_state_dict(module)
                     keep = s.keep_every > 0 and done % s.keep_every == 0
-                    run.save(export, task.model_json(), state, done, keep)
+                    run.save(export, task.model_json(), state, done, keep, final=done == s.steps)
                 dist.barrier()
     finally:
         progress.close()
