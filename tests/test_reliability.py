@@ -155,6 +155,24 @@ def test_resume_refuses_a_damaged_committed_checkpoint(phantom_cache, tmp_path):
         pretrain(phantom_cache, out, resume=True, steps=4, progress=False)
 
 
+
+def test_kept_snapshots_stay_and_each_step_folder_is_self_describing(phantom_cache, tmp_path):
+    import json
+
+    from volcontrast.utils.files import file_digest
+
+    out = tmp_path / "run"
+    pretrain(phantom_cache, out, _cfg(keep_every=4), progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004", "step_0000006"]
+    record = json.loads((out / "checkpoint.json").read_text())
+    assert record["step"] == 6 and record["folder"] == "checkpoints/step_0000006"
+    assert record["files"] == {n: file_digest(out / n) for n in ("model.safetensors", "trainer_state.pt",
+                                                                 "model.json")}
+    assert json.loads((out / "checkpoints" / "step_0000004" / "checkpoint.json").read_text())["keep"] is True
+    (out / "checkpoints" / "step_0000001").mkdir()  # a snapshot from before checkpoint.json: never removed
+    pretrain(phantom_cache, out, resume=True, steps=8, progress=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001", "step_0000004", "step_0000008"]
+
 # ----------------------------------------------------------------------------- 2. killed before its first checkpoint
 
 

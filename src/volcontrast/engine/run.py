@@ -322,17 +322,21 @@ class RunDir:
         remove_stale_tmp(self.checkpoints)
         record = _read_record(self.root)
         current = str(record["folder"]) if record else None
+        committed_step = int(record.get("step") or 0) if record else 0
         if not self.checkpoints.is_dir():
             return
         for d in self.checkpoints.iterdir():
             if not d.is_dir() or not d.name.startswith("step_") or f"checkpoints/{d.name}" == current:
                 continue
             own = d / CHECKPOINT_JSON
+            if not own.is_file():
+                continue  # a snapshot written before checkpoint.json existed: keep it
             try:
-                kept = own.is_file() and bool(read_json(own).get("keep"))
+                mine = read_json(own)
             except InputError:
-                kept = False
-            if not kept:
+                mine = {}
+            uncommitted = int(mine.get("step") or 0) > committed_step  # renamed into place, never committed
+            if uncommitted or not mine.get("keep"):
                 remove_quietly(d)
 
     def open_config(self, cls: type, config: Any, resume: bool, steps: int | None) -> Any:
