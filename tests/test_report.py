@@ -168,3 +168,16 @@ def test_write_report_has_every_section_the_rule_and_the_scope(tmp_path, rng):
     append_results(path1, one)
     text1 = write_report(path1, tmp_path / "one", n_boot=100)[0].read_text()
     assert "**One fold only (fold 0)**" in text1 and "(one fold)" in text1
+
+
+def test_report_warns_when_scratch_did_not_converge(tmp_path, rng):
+    path = tmp_path / "results.csv"
+    rows = _write_grid(tmp_path / "all.csv", rng)
+    for r in rows:
+        if r["method"] == "scratch" and r["labeled"] == 4 and r["fold"] == 1:
+            r["converged"] = 0.0
+    append_results(path, rows)
+    text = write_report(path, tmp_path / "r", n_boot=50)[0].read_text()
+    assert "**Warning: 1 of 4 scratch runs did not converge**" in text
+    text = write_report(tmp_path / "all.csv", tmp_path / "ok", n_boot=50)[0].read_text()
+    assert "did not converge" not in text

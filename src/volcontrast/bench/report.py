@@ -447,6 +447,17 @@ def convergence_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scratch_warning(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A warning line when some scratch runs did not converge (a gain over them may be speed alone); else ""."""
+    runs = {_cell(r): r for r in latest_rows(rows)
+            if str(r["method"]).startswith("scratch") and float(r.get("at", 1.0)) == 1.0}
+    bad = sum(float(r.get("converged", math.nan)) != 1.0 for r in runs.values())
+    if not bad:
+        return ""
+    return (f"**Warning: {bad} of {len(runs)} scratch runs did not converge** — a difference to them may be a "
+            "speed-up, not a better model; use more fine-tuning steps (`--finetune-steps`).\n")
+
+
 def progress_table(rows: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
     """Mean test Dice at every scored point of fine-tuning (columns ``10%``, ``30%``, ``100%`` …)."""
     rows = latest_rows(rows)
@@ -597,9 +608,12 @@ def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, 
         "## Convergence (training Dice)",
         "",
         f"Converged = the training Dice is flat over the last 20% of the steps: a least-squares line through the "
-        f"logged training Dice there rises or falls by at most {CONVERGE_TOL} Dice.",
+        f"logged training Dice there rises or falls by at most {CONVERGE_TOL} Dice. With a decaying learning rate "
+        "a flat end is necessary, not sufficient: the 30% and 100% columns above, or a run with more steps, "
+        "tell whether more training would still help.",
         "",
         convergence_table(rows),
+        scratch_warning(rows),
         "## Dice (test fold, end): mean over cases × folds × seeds ± std over runs (runs)",
         "",
         summary_table(rows, "dice"),
