@@ -12,6 +12,9 @@ import typer
 
 from volcontrast import __version__
 from volcontrast.errors import InputError
+from volcontrast.utils.threads import set_passive_wait
+
+set_passive_wait()  # before anything imports torch: idle OpenMP threads sleep instead of spinning (shared machines)
 
 app = typer.Typer(
     name="volcontrast",
@@ -34,8 +37,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1,
+        help="torch threads (default: OMP_NUM_THREADS, else the CPUs this process may use: affinity, cgroup quota)."),
 ) -> None:
     """Contrastive pretraining with spatial priors for 3D CT/MR segmentation."""
+    from volcontrast.utils.threads import configure_threads
+
+    configure_threads(threads)
 
 
 def _echo(msg: str) -> None:
@@ -423,6 +432,72 @@ def bench_pretrain(
         backbone=backbone, volumes=volumes, crops_per_volume=crops_per_volume)
     if json_out:
         atomic_write_json(json_out, result)
+
+
+@bench_app.command("threads")
+def bench_threads(
+    show: bool = typer.Option(False, "--show", help="Only print the thread settings this process gets (JSON)."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed steps per setting (median reported)."),
+    crop: int = typer.Option(32, "--crop", min=16, help="Cube side of the tiny U-Net's input."),
+    busy: int | None = typer.Option(None, "--busy", min=0, help="Competing busy processes (default: one per CPU)."),
+    no_compare: bool = typer.Option(False, "--no-compare", help="Skip the plain-torch-default setting."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON."),
+) -> None:
+    """Step time alone and under one competing busy process per CPU (started by the benchmark): the slowdown."""
+    import json
+
+    from volcontrast.utils.files import atomic_write_json
+    from volcontrast.utils.threads import thread_report
+
+    if show:
+        typer.echo(json.dumps(thread_report()))
+        return
+    from volcontrast.bench.threads import run_threads_benchmark, threads_table
+
+    result = run_threads_benchmark(steps=steps, crop=crop, busy=busy, compare_default=not no_compare)
+    typer.echo(threads_table(result))
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+@bench_app.command("loader")
+def bench_loader(
+    cache: Path | None = typer.Option(None, "--cache", help="A prepared cache (default: a generated cohort)."),
+    crop: int = typer.Option(96, "--crop", min=8, help="Crop cube side (the box adds the augmentation context)."),
+    workers: str = typer.Option("1,2,4", "--workers", help="Worker counts to time, e.g. 0,1,2,4."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Timed batches per worker count."),
+    volumes: int = typer.Option(4, "--volumes", min=1, help="Volumes per batch."),
+    crops_per_volume: int = typer.Option(2, "--crops-per-volume", min=1),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the numbers as JSON."),
+) -> None:
+    """What the CPU loader alone delivers: crops/s, views/s and MB/s per worker count, vs an H100's 232 views/s."""
+    from volcontrast.bench.loader import loader_table, run_loader_benchmark
+    from volcontrast.utils.files import atomic_write_json
+
+    counts = _int_list(workers, "--workers") or [0]
+    result = run_loader_benchmark(cache=str(cache) if cache else None, crop=crop, workers=tuple(counts), steps=steps,
+                                  volumes_per_batch=volumes, crops_per_volume=crops_per_volume)
+    typer.echo(loader_table(result))
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    out: Path = typer.Option(Path("gpu-runbook"), "--out", help="Folder for gpu_runbook.json and gpu_runbook.md."),
+    smoke: bool = typer.Option(False, "--smoke", help="Run on the CPU at tiny sizes (seconds): the CI check."),
+    methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all registered)."),
+    cache: Path | None = typer.Option(None, "--cache", help="A prepared cache (default: a generated cohort)."),
+    budget: float = typer.Option(480.0, "--budget-s", min=10.0, help="Wall-time budget; later methods are skipped."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Timed steps per measurement."),
+) -> None:
+    """The GPU run book: CUDA-path checks, every method at 96³ vs the bare compiled DynUNet step, PDCR/UAFS."""
+    from volcontrast.bench.gpu import run_gpu_runbook
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    run_gpu_runbook(out, smoke=smoke, methods=chosen, cache=str(cache) if cache else None, budget_s=budget,
+                    steps=steps)
+    typer.echo((out / "gpu_runbook.md").read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------ entry

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from volcontrast.bench.machine import machine_description
+from volcontrast.utils.threads import worker_init
 
 
 def measured_peak_flops(device: torch.device, seconds: float = 2.0) -> float:
@@ -106,8 +107,13 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
                            crop: list[int] | None = None, steps: int = 20, warmup: int = 5,
                            workers: int | None = None, compile: bool = False, reference: bool = True,
                            backbone: str | None = None, volumes: int | None = None, crops_per_volume: int | None = None,
-                           device: str = "auto") -> dict[str, Any]:
-    """Time ``steps`` pretraining steps of ``method`` (after ``warmup``) and the DynUNet reference step."""
+                           device: str = "auto", peak_flops: float | None = None, quiet: bool = False,
+                           preset_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Time ``steps`` pretraining steps of ``method`` (after ``warmup``) and the DynUNet reference step.
+
+    ``peak_flops`` reuses a measured device peak (else measured here); ``quiet`` prints no table;
+    ``preset_overrides`` are merged into the config overrides (e.g. ``{"model": {"preset": "tiny"}}``).
+    """
     from volcontrast.data.cache import Cache
     from volcontrast.engine.config import resolve_pretrain_config
     from volcontrast.engine.pretrain import build_pretraining
@@ -126,6 +132,11 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
         over["data"]["crops_per_volume"] = crops_per_volume
     if backbone:
         over["model"]["backbone"] = backbone
+    for key, value in (preset_overrides or {}).items():
+        if isinstance(value, dict):
+            over.setdefault(key, {}).update(value)
+        else:
+            over[key] = value
     cfg = resolve_pretrain_config(preset, None, over)
     dev = resolve_device(cfg.device)
     tmp = None
@@ -143,7 +154,8 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
         forward = torch.compile(method_mod) if compile else method_mod
         loader = torch.utils.data.DataLoader(sampler, batch_size=None, sampler=range(cfg.steps),
                                              num_workers=cfg.data.workers, pin_memory=dev.type == "cuda",
-                                             prefetch_factor=cfg.data.prefetch if cfg.data.workers else None)
+                                             prefetch_factor=cfg.data.prefetch if cfg.data.workers else None,
+                                             worker_init_fn=worker_init if cfg.data.workers else None)
         it = iter(loader)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -158,15 +170,18 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
             with torch.no_grad():
                 batch = method_mod.prepare(raw, step, gen, dev)
 
-            def train_step(batch: dict[str, Any] = batch) -> None:
+            def train_step(batch: dict[str, Any] = batch, fwd: Any = forward) -> None:
                 with loop_autocast(dev, cfg.amp):
-                    loss, _ = forward(batch)
+                    loss, _ = fwd(batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
 
-            if step == 0:
+            if step == 0 and not compile:  # the first real step, counted
                 flops = step_flops(train_step)
-            train_step()
+            else:
+                if step == 0:  # counted on the eager module (a compiled graph hides its ATen ops from the counter)
+                    flops = step_flops(lambda b=batch: train_step(b, method_mod))
+                train_step()
             opt.step()
             method_mod.after_step(step)  # momentum encoders, queues: part of a real step
             _sync(dev)
@@ -175,7 +190,7 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
                 total += time.perf_counter() - t0
                 n_samples += int(batch["n_samples"])
         peak_mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _rss_mb()
-        peak = measured_peak_flops(dev)
+        peak = peak_flops if peak_flops else measured_peak_flops(dev)
         step_s = total / steps
         result: dict[str, Any] = {
             "machine": machine_description(), "device": str(dev), "method": method, "preset": preset,
@@ -189,20 +204,21 @@ def run_pretrain_benchmark(*, method: str = "pcl", preset: str = "cpu-tiny", cac
                                     tuple(cfg.data.crop_size), dev, compile=compile)
             result.update({"reference_step_s": ref["step_s"], "reference_samples_per_s": ref["samples_per_s"],
                            "reference_mfu": ref["flops_per_step"] / ref["step_s"] / peak})
-        _print(result)
+        if not quiet:
+            _print(result)
         return result
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _bench_cache(folder: Path, crop: tuple[int, ...]) -> Path:
-    """A synthetic CT cohort prepared at a spacing that makes every case larger than ``crop``."""
+def _bench_cache(folder: Path, crop: tuple[int, ...], cases: int = 8) -> Path:
+    """A synthetic CT cohort of ``cases`` cases prepared at a spacing that makes every case larger than ``crop``."""
     from volcontrast.data.prepare import PrepareSettings, prepare_dataset
     from volcontrast.data.synth import generate_cohort
 
     size = max(48, min(160, int(max(crop) * 1.6)))
-    generate_cohort(folder / "raw", cases=8, size=(size, size, size), fov="chest_abdomen", progress=False)
+    generate_cohort(folder / "raw", cases=cases, size=(size, size, size), fov="chest_abdomen", progress=False)
     # the body is ~200 mm front to back: choose a spacing that gives the crop room along every axis
     spacing = min(250.0 / (max(crop) * 1.3), 6.0)
     prepare_dataset(folder / "raw", folder / "cache", PrepareSettings(spacing=(spacing,) * 3), progress=False)
