@@ -383,12 +383,12 @@ def _prepare_dataset(
         (out / "cases").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise as_input_error(exc, out / "cases") from None
-    committed = _committed_manifest(out)
-    in_use = _case_dirs(committed) if committed else set()  # folders the committed manifest reads
-    for stale in (out / "cases").glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in (out / "cases").glob(".old-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    existing = _read_manifest(out)
+    committed = existing if existing and existing.get("complete") else None
+    in_use = _case_dirs(existing) if existing else set()  # folders the current manifest reads: never rewritten
+    for stale in [*(out / "cases").glob(".tmp-*"), *(out / "cases").glob(".old-*"), *out.glob(".tmp-*"),
+                  *(out / ".stats").glob(".tmp-*")]:
+        remove_quietly(stale)  # left by a killed run (this process holds the lock)
     runner = _Runner(workers if workers is not None else default_workers(), progress)
 
     def on_error(case: Case, exc: InputError) -> None:
@@ -491,13 +491,14 @@ def _prepare_dataset(
     return report
 
 
-def _committed_manifest(out: Path) -> dict[str, Any] | None:
-    """The cache's complete manifest, if it has one (what a rerun must not break before it succeeds)."""
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    """The cache's current manifest, if readable (a complete one is what a rerun must not break before it
+    succeeds)."""
     try:
         manifest = read_json(out / "manifest.json") if (out / "manifest.json").is_file() else None
     except InputError:
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("complete") else None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _case_dirs(manifest: dict[str, Any]) -> set[str]:
