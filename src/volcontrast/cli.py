@@ -113,6 +113,18 @@ def prepare(
 # --------------------------------------------------------------------------------------------- pretrain
 
 
+def _methods_help() -> str:
+    from volcontrast.methods.registry import list_methods
+
+    return " | ".join(list_methods())
+
+
+def _presets_help() -> str:
+    from volcontrast.engine.config import pretrain_presets
+
+    return " | ".join(pretrain_presets())
+
+
 def _dim(value: str | None) -> int | None:
     if value is None:
         return None
@@ -125,12 +137,10 @@ def _dim(value: str | None) -> int | None:
 def pretrain(
     cache: Path = typer.Argument(..., help="Cache folder written by `volcontrast prepare`."),
     out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
-    method: str | None = typer.Option(None, "--method",
-                                      help="simclr | gcl | pcl | spade | spade-nodebias | alice (pcl)."),
+    method: str | None = typer.Option(None, "--method", help=f"{_methods_help()} (pcl)."),
     dim: str | None = typer.Option(None, "--dim", help="2d (slices, paper parity) or 3d (crops)."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Optimiser steps."),
-    preset: str | None = typer.Option(None, "--preset",
-                                      help="cpu-tiny | cpu-small | gpu-3d | pcl-paper | alice-paper."),
+    preset: str | None = typer.Option(None, "--preset", help=f"{_presets_help()}."),
     config: Path | None = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     seed: int | None = typer.Option(None, "--seed"),
@@ -141,22 +151,28 @@ def pretrain(
     crop: list[int] | None = typer.Option(None, "--crop", help="Crop size, repeat per axis (--crop 32 --crop 32 ...)."),
     workers: int | None = typer.Option(None, "--workers", min=0, help="Data loader processes."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N."),
-    provider: str | None = typer.Option(None, "--provider", help="spade, alice: correspondence body | affine | index."),
+    provider: str | None = typer.Option(None, "--provider",
+                                        help="Correspondence provider of methods that use one: body | affine | index."),
     no_debias: bool = typer.Option(False, "--no-debias", help="spade: no spatial debiasing (the ablation)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
-    """Self-supervised pretraining (SimCLR, GCL, PCL, Spade, Alice) of a backbone on cached volumes."""
+    """Self-supervised pretraining of a backbone on cached volumes with any registered method."""
+    import dataclasses
+
     from volcontrast.config import load_yaml
     from volcontrast.engine.config import resolve_pretrain_config
     from volcontrast.engine.pretrain import pretrain as run_pretrain
+    from volcontrast.methods.registry import config_sections
 
-    overrides = {
+    overrides: dict = {
         "method": method, "dim": _dim(dim), "seed": seed, "device": device,
         "data": {"workers": workers, "crop_size": list(crop) if crop else None},
         "model": {"backbone": backbone, "preset": backbone_preset, "plans": str(plans) if plans else None},
-        "spade": {"provider": provider, "debias": False if no_debias else None},
-        "alice": {"provider": provider},
+        "spade": {"debias": False if no_debias else None},
     }
+    for section, cls in config_sections().items():  # --provider sets every method section that has one
+        if any(f.name == "provider" for f in dataclasses.fields(cls)):
+            overrides.setdefault(section, {})["provider"] = provider
     cfg = None
     if not resume:
         cfg = resolve_pretrain_config(preset, load_yaml(config) if config else None, overrides)
