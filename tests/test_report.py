@@ -151,10 +151,11 @@ def test_plot_is_a_png_of_the_requested_size(tmp_path, rng):
 
 def test_write_report_has_every_section_the_rule_and_the_scope(tmp_path, rng):
     path = tmp_path / "results.csv"
-    _write_grid(path, rng, at=(0.1, 1.0))
+    _write_grid(path, rng, seeds=(0, 1), at=(0.1, 1.0))
     md, png = write_report(path, tmp_path / "report", n_boot=100)
     text = md.read_text()
-    assert "8 fine-tuning runs" in text and "Folds [0, 1]" in text and "One fold only" not in text
+    assert "16 fine-tuning runs" in text and "not the training run's" not in text
+    assert "Folds [0, 1]" in text and "One fold only" not in text
     for section in ("## Paired difference to scratch", "## Test Dice during fine-tuning", "## Convergence",
                     "## Dice (test fold", "## HD95"):
         assert section in text
@@ -168,6 +169,7 @@ def test_write_report_has_every_section_the_rule_and_the_scope(tmp_path, rng):
     append_results(path1, one)
     text1 = write_report(path1, tmp_path / "one", n_boot=100)[0].read_text()
     assert "**One fold only (fold 0)**" in text1 and "(one fold)" in text1
+    assert "not the training run's" in text1  # one fold: the CI misses the training run's variation
 
 
 def test_report_warns_when_scratch_did_not_converge(tmp_path, rng):

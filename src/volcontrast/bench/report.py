@@ -402,9 +402,12 @@ def verdict_sentences(records: Sequence[Mapping[str, Any]]) -> list[str]:
         reading = {"gain": "a gain beyond noise (the CI excludes 0)",
                    "loss": "worse than scratch beyond noise (the CI excludes 0)",
                    "no clear difference": "within noise (the CI includes 0): not a gain"}[r["verdict"]]
+        caveat = ("" if len(r["seeds"]) > 1 and len(r["folds"]) > 1 else
+                  " With one fold or one seed this CI holds the test cases' variation, not the training run's: "
+                  "rerun with more folds and seeds before calling it a result.")
         out.append(f"{r['method']} at {budget_label(r['budget'])}: {r['diff']:+.3f} Dice vs {r['baseline']} "
                    f"(95% CI {r['lo']:+.3f} to {r['hi']:+.3f}; {r['n']} paired test cases, {scope}, "
-                   f"{len(r['seeds'])} seed(s)) — {reading}.")
+                   f"{len(r['seeds'])} seed(s)) — {reading}.{caveat}")
     return out
 
 
