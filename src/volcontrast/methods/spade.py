@@ -202,12 +202,10 @@ class Spade(PretrainMethod):
         case_index = torch.cat([raw["case_index"], raw["case_index"]])
         box_lower = torch.cat([raw["box_lower"], raw["box_lower"]])
         geometry = view_geometry(case_index, box_lower, out.voxel_to_box, crop, self.table, out.params)
-        centre = torch.tensor([(s - 1) / 2 for s in crop], dtype=torch.float64).expand(2 * m, 1, 3)
         batch: dict[str, Any] = {
             "views": out.views, "clean": out.clean, "n_samples": 2 * m,
             "item_ids": view_item_ids(m, 2, offset=dist.rank() * m, device=device),
-            "ref_centres": self.to_reference(case_index, apply_maps(geometry.voxel_to_cached, centre))[:, 0]
-            .to(device),
+            "ref_centres": self.to_reference(case_index, geometry.cached_centre).to(device),
         }
         if sp.local_weight > 0:
             per_pair = max(1, sp.local_points // m)

@@ -58,6 +58,7 @@ class ViewGeometry:
     body_centre: Tensor  # (N, 3) normalised body-box coordinates of the view centre
     index_position: Tensor  # (N, 3) (i + 0.5) / n per axis of the resampled volume (2D slices: z = (i+1)/n)
     params: dict[str, Tensor] = field(default_factory=dict)
+    cached_centre: Tensor | None = None  # (N, 3) cached voxel coordinates of the view centre (computed once here)
 
     def positions(self, kind: str, axes: str = "z") -> Tensor:
         """Positions for positive masks: ``kind`` "body" or "index"; ``axes`` "z" -> (N,), "xyz" -> (N, 3)."""
@@ -101,7 +102,7 @@ def view_geometry(case_index: Tensor, box_lower: Tensor, voxel_to_box: Tensor, c
     index = (full + 0.5) / table.resampled_shape[case_index]
     if len(crop_size) == 2:  # paper parity for slices: (i + 1) / n along the scan axis
         index[:, 2] = (full[:, 2] + 1.0) / table.resampled_shape[case_index, 2]
-    return ViewGeometry(case_index, m, world, body, index, dict(params or {}))
+    return ViewGeometry(case_index, m, world, body, index, dict(params or {}), cached_centre=cached)
 
 
 def world_boxes(voxel_to_cached: Tensor, crop_size: tuple[int, ...], affine: Tensor) -> tuple[Tensor, Tensor]:
