@@ -57,7 +57,7 @@ def registered_methods() -> list[str]:
 def _settings(smoke: bool) -> dict[str, Any]:
     if smoke:
         return {"device": "cpu", "preset": "cpu-tiny", "backbone_preset": "tiny", "crop": 32, "steps": 1,
-                "warmup": 1, "compile": False, "workers": 0, "volumes": 1, "crops_per_volume": 2,
+                "warmup": 0, "compile": False, "workers": 0, "volumes": 1, "crops_per_volume": 2,
                 "finetune_batch": 2, "amp": "bf16"}
     return {"device": "cuda", "preset": "gpu-3d", "backbone_preset": "nnunet-3d", "crop": 96, "steps": 10,
             "warmup": 3, "compile": True, "workers": max(1, min(8, available_cpus() - 2)), "volumes": 4,
@@ -67,6 +67,19 @@ def _settings(smoke: bool) -> dict[str, Any]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _fresh(device: torch.device, compiled: bool) -> None:
+    """Between measurements: free the previous model's memory and, when compiling, dynamo's caches (each method
+    builds new module instances; without a reset their recompilations count against dynamo's cache limit and a
+    later method could silently run eager)."""
+    import gc
+
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _check(name: str, fn) -> dict[str, Any]:
@@ -266,6 +279,7 @@ def run_gpu_runbook(out: str | os.PathLike, *, smoke: bool = False, methods: lis
         log(f"reference: bare DynUNet step, {views} x {crop[0]}³")
         refs["dynunet"] = dynunet_reference(arch, views, crop, device, compile=s["compile"], steps=s["steps"],
                                             warmup=s["warmup"])
+        _fresh(device, s["compile"])
         log(f"reference: bare PlainConvUNet step, {views} x {crop[0]}³")
         refs["plain_unet"] = plain_unet_reference(s["backbone_preset"], views, crop, device, compile=s["compile"],
                                                   steps=s["steps"], warmup=s["warmup"])
@@ -281,6 +295,7 @@ def run_gpu_runbook(out: str | os.PathLike, *, smoke: bool = False, methods: lis
                 rows.append({"method": name, "skipped": f"wall-time budget ({elapsed:.0f} s of {budget_s:.0f} s)"})
                 continue
             log(f"method {name}")
+            _fresh(device, s["compile"])
             try:
                 r = run_pretrain_benchmark(
                     method=name, preset=s["preset"], cache=cache, crop=list(crop), steps=s["steps"],
@@ -300,6 +315,7 @@ def run_gpu_runbook(out: str | os.PathLike, *, smoke: bool = False, methods: lis
             row["meets_data_wait"] = r["data_wait"] < TARGET_DATA_WAIT
             rows.append(row)
         result["methods"] = rows
+        _fresh(device, s["compile"])
         log("PDCR / UAFS overhead on a fine-tuning step")
         result["finetune_overhead"] = finetune_overhead(
             s["backbone_preset"], s["finetune_batch"], crop, device, steps=s["steps"], warmup=s["warmup"],
