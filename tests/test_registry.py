@@ -124,3 +124,30 @@ def test_method_contract_three_steps_exact_resume_and_finetune_loads(name, cache
     state = net.state_dict()
     assert enc and all(torch.equal(state[k], v) for k, v in enc.items())
     assert f"{name} run" in note
+
+
+@pytest.mark.parametrize(("name", "extra"), [("voco", {}), ("mae", {"mae": {"sparse": True}})])
+def test_new_methods_run_on_the_residual_encoder_unet(name, extra, cache, tmp_path):
+    cfg = _small(name, steps=2, model={"backbone": "resenc_unet", "preset": "tiny"}, **extra)
+    result = pretrain(cache, tmp_path / "run", cfg, progress=False)
+    assert len(result.history) == 2 and all(math.isfinite(r["loss"]) for r in result.history)
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["architecture"]["name"] == "resenc_unet"
+
+
+@pytest.mark.slow
+def test_mae_under_torchrun_two_cpu_ranks(cache, tmp_path):
+    from helpers import torchrun_pretrain
+
+    proc = torchrun_pretrain(cache, tmp_path / "run", "--preset", "cpu-tiny", "--method", "mae", "--crop", "16",
+                             "--crop", "16", "--crop", "16", "--steps", "3", "--config", str(_yaml(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = read_log(tmp_path / "run" / "log.csv")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["masked_fraction"] == 0.75 for r in rows)
+
+
+def _yaml(tmp_path):
+    import yaml
+
+    path = tmp_path / "mae.yaml"
+    path.write_text(yaml.safe_dump({**get_method("mae").small, "log_every": 1}))
+    return path
