@@ -87,7 +87,10 @@ def prepare(
     spacing: tuple[float, float, float] | None = typer.Option(
         None, "--spacing", help="Target spacing X Y Z in mm (default: dataset median)."
     ),
-    modality: str | None = typer.Option(None, "--modality", help="ct or mr (default: from dataset.json or guessed)."),
+    modality: list[str] | None = typer.Option(
+        None, "--modality", help="ct or mr per channel, repeated or comma-separated (default: from dataset.json or "
+        "the list's modality column, else detected per case; cases that disagree are an error)."
+    ),
     workers: int | None = typer.Option(None, "--workers", min=1, help="Parallel processes (default: up to 4)."),
     skip_bad: bool = typer.Option(
         False, "--skip-bad", help="Skip unreadable or inconsistent cases and list them at the end."
@@ -98,10 +101,13 @@ def prepare(
     ),
 ) -> None:
     """Resample, normalise and crop a dataset into the memory-mapped cache (resumable)."""
-    from volcontrast.data.prepare import PrepareSettings, prepare_dataset
+    from volcontrast.data.prepare import PrepareSettings, format_fingerprint, prepare_dataset
 
-    settings = PrepareSettings(spacing=spacing, modality=modality, image_order=3 if cubic else 1)
+    modalities = ",".join(modality) if modality else None
+    settings = PrepareSettings(spacing=spacing, modality=modalities, image_order=3 if cubic else 1)
     report = prepare_dataset(data, out, settings, workers=workers, skip_bad=skip_bad, allow_outside=allow_outside)
+    for line in format_fingerprint(report.fingerprint):
+        _echo(line)
     _echo(
         f"prepared {len(report.prepared)} case(s), reused {len(report.reused)} unchanged, "
         f"skipped {len(report.skipped)} in {report.seconds:.1f} s -> {out}"

@@ -6,9 +6,13 @@ Accepted layouts (``open_dataset`` tells them apart):
     and an optional ``"test"`` list, files under ``imagesTr/``, ``labelsTr/``, ``imagesTs/``;
 (b) nnU-Net v2 raw: ``dataset.json`` with ``channel_names``, ``labels``, ``file_ending``; images
     ``imagesTr/CASE_0000<ending>`` (one file per channel), labels ``labelsTr/CASE<ending>``;
-(c) a plain folder of scans (unlabelled; any accepted format, DICOM series as sub-folders);
-(d) a CSV (columns ``image`` [, ``label``] [, ``id``]) or JSON list (``[{"image": ..., "label": ...}]``)
-    of paths, relative to the list file.
+(c) a plain folder of scans (any accepted format, DICOM series as sub-folders); a file whose name holds
+    ``_label`` or ``_seg`` is the label map of the scan next to it (``a_seg.nii.gz`` -> ``a.nii.gz``, else the
+    one ``a_*`` scan), refused with one line when that is not clear;
+(d) a CSV (columns ``image`` [, ``label``] [, ``id``] [, ``modality``] [, ``label_names``]) or JSON list
+    (``[{"image": ..., "label": ...}]``, or ``{"labels": {...}, "cases": [...]}``) of paths, relative to the
+    list file. ``modality`` (ct/mr) per case must be the same on every row; ``label_names`` is
+    ``1:liver;2:tumour`` (CSV) or a ``{"1": "liver"}`` object (JSON).
 
 Unlabelled test images (``imagesTs``) are kept as unlabelled cases: they are pretraining material.
 """
@@ -56,8 +60,11 @@ class Dataset:
     cases: list[Case]
     label_names: dict[int, str] = field(default_factory=dict)
     channel_names: list[str] = field(default_factory=lambda: ["image"])
-    modality: str | None = None  # "ct" | "mr" | None (unknown: decided at prepare time)
+    modality: str | None = None  # channel 0: "ct" | "mr" | None (unknown: decided at prepare time)
     channels_in_file: int = 1  # MSD multi-modal images keep all channels in one 4D file
+    modalities: list[str] | None = None  # one per channel, when the dataset says it
+    modality_why: str = ""  # where ``modalities`` came from (shown in prepare's fingerprint)
+    case_modalities: dict[str, str] = field(default_factory=dict)  # case id -> "ct"/"mr" a list names
 
     @property
     def labelled(self) -> list[Case]:
@@ -77,6 +84,27 @@ def _safe_id(text: str) -> str:
 
 def _modality_from_names(names: list[str]) -> str:
     return "ct" if names and names[0].strip().upper() == "CT" else "mr"
+
+
+def _modalities_from_names(names: list[str]) -> list[str]:
+    """Per channel: a channel named CT is CT (dataset-wide HU window); any other name is z-scored per volume."""
+    return ["ct" if n.strip().upper() == "CT" else "mr" for n in names]
+
+
+MODALITY_WORDS = {"ct": "ct", "mr": "mr", "mri": "mr"}
+
+
+def parse_label_names(text: str, where: Path, what: str) -> dict[int, str]:
+    """``"1:liver;2:tumour"`` (``;`` or ``|`` between entries, ``:`` or ``=`` inside) -> ``{1: "liver", ...}``."""
+    out: dict[int, str] = {}
+    for item in re.split(r"[;|]", text):
+        if not item.strip():
+            continue
+        m = re.fullmatch(r"\s*(\d+)\s*[:=]\s*(.*?)\s*", item)
+        if not m or not m[2]:
+            raise InputError(where, f"{what}: label names must look like 1:liver;2:tumour, got {text!r}")
+        out[int(m[1])] = m[2]
+    return out
 
 
 _ALLOW_OUTSIDE: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_outside", default=False)
@@ -149,7 +177,8 @@ def _open_msd(root: Path, meta: dict, dj: Path) -> Dataset:
         cases.append(Case(_safe_id(strip_scan_suffix(image.name)), (image,), None))
     label_names = _label_names(meta.get("labels") or {}, dj)
     return Dataset(root, "msd", _check_unique(cases, dj), label_names, channel_names,
-                   _modality_from_names(channel_names), channels_in_file=len(channel_names))
+                   _modality_from_names(channel_names), channels_in_file=len(channel_names),
+                   modalities=_modalities_from_names(channel_names), modality_why="dataset.json modality")
 
 
 def _int_key(k: object) -> int | None:
@@ -233,7 +262,11 @@ def _open_nnunet(root: Path, meta: dict, dj: Path) -> Dataset:
         if isinstance(n_train, int) and found < n_train:
             raise InputError(dj, f"numTraining is {n_train} but only {found} training cases were found in imagesTr")
     return Dataset(root, "nnunet", _check_unique(cases, dj), label_names, channel_names,
-                   _modality_from_names(channel_names))
+                   _modality_from_names(channel_names), modalities=_modalities_from_names(channel_names),
+                   modality_why="dataset.json channel_names")
+
+
+LABEL_TOKEN = re.compile(r"_(label|seg)", re.IGNORECASE)
 
 
 def _open_folder(root: Path) -> Dataset:
@@ -245,16 +278,41 @@ def _open_folder(root: Path) -> Dataset:
             cases.append(Case(_safe_id(str(d.relative_to(root))), (d,), None))
             dirnames[:] = []
             continue
-        for f in sorted(filenames):
-            if scan_suffix(f) and not f.startswith("."):
-                rel = (d / f).relative_to(root)
-                cases.append(Case(_safe_id(strip_scan_suffix(str(rel))), (d / f,), None))
+        scans = [f for f in sorted(filenames) if scan_suffix(f) and not f.startswith(".")]
+        for image, label in _pair_labels(d, scans):
+            rel = (d / image).relative_to(root)
+            cases.append(Case(_safe_id(strip_scan_suffix(str(rel))), (d / image,),
+                              d / label if label else None))
     return Dataset(root, "folder", _check_unique(cases, root))
 
 
-def _open_list(path: Path) -> Dataset:
-    base = path.parent
-    rows: list[dict]
+def _pair_labels(d: Path, scans: list[str]) -> list[tuple[str, str | None]]:
+    """(image, label or None) for the scans of one folder: a name holding ``_label``/``_seg`` is a label map; it
+    belongs to the scan named as the text before that (``a_seg.nii.gz`` -> ``a.nii.gz``), else to the one scan
+    ``a_*``. InputError when a label has no scan, could belong to several, or two labels claim one scan."""
+    labels = [f for f in scans if LABEL_TOKEN.search(strip_scan_suffix(f))]
+    images = [f for f in scans if f not in labels]
+    owner: dict[str, str] = {}
+    for lab in labels:
+        stem = strip_scan_suffix(lab)
+        base = stem[: LABEL_TOKEN.search(stem).start()]  # type: ignore[union-attr]
+        exact = [f for f in images if strip_scan_suffix(f) == base]
+        near = exact or [f for f in images if strip_scan_suffix(f).startswith(base + "_")]
+        if not base or not near:
+            want = f"{base or '<name>'}{scan_suffix(lab)}"
+            raise InputError(d / lab, f"label map with no scan next to it (expected {want}); list image/label pairs"
+                                      " in a CSV (columns image,label)")
+        if len(near) > 1:
+            raise InputError(d / lab, f"cannot tell which scan this label map belongs to ({' or '.join(near[:3])});"
+                                      " list image/label pairs in a CSV (columns image,label)")
+        if near[0] in owner:
+            raise InputError(d / near[0], f"two label maps name this scan ({owner[near[0]]} and {lab}); keep one")
+        owner[near[0]] = lab
+    return [(f, owner.get(f)) for f in images]
+
+
+def _list_rows(path: Path) -> tuple[list[dict], dict[int, str]]:
+    """The rows of a CSV/JSON list, and the label names a JSON object gives at its top level (``"labels"``)."""
     if path.suffix.lower() == ".csv":
         try:
             reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
@@ -264,17 +322,34 @@ def _open_list(path: Path) -> Dataset:
                     for r in reader]
         except csv.Error as exc:
             raise InputError(path, f"not a valid CSV file: {exc}") from None
-    else:
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as exc:
-            raise InputError(path, f"not valid JSON: {exc}") from None
-        if isinstance(data, dict):
-            data = data.get("training", data.get("cases"))
-        if not isinstance(data, list):
-            raise InputError(path, 'JSON list must be [{"image": ..., "label": ...}, ...]')
-        rows = [r if isinstance(r, dict) else {"image": r} for r in data]
+        return rows, {}
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"not valid JSON: {exc}") from None
+    names: dict[int, str] = {}
+    if isinstance(data, dict):
+        names = _label_names(data.get("labels") or data.get("label_names") or {}, path)
+        data = data.get("training", data.get("cases"))
+    if not isinstance(data, list):
+        raise InputError(path, 'JSON list must be [{"image": ..., "label": ...}, ...]')
+    return [r if isinstance(r, dict) else {"image": r} for r in data], names
+
+
+def _row_label_names(value: object, path: Path, row: int) -> dict[int, str]:
+    if isinstance(value, dict):
+        return _label_names(value, path)
+    if isinstance(value, str):
+        return parse_label_names(value, path, f"row {row}")
+    raise InputError(path, f'row {row}: "label_names" must be text like 1:liver;2:tumour or an object')
+
+
+def _open_list(path: Path) -> Dataset:
+    base = path.parent
+    rows, label_names = _list_rows(path)
     cases = []
+    names_row = 0
+    by_modality: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         if not r.get("image"):
             raise InputError(path, f"row {i + 1} has no image path")
@@ -282,7 +357,40 @@ def _open_list(path: Path) -> Dataset:
         label = _resolve(base, r["label"], path, f'row {i + 1}: "label"') if r.get("label") else None
         cid = _safe_id(str(r.get("id") or strip_scan_suffix(image.name)))
         cases.append(Case(cid, (image,), label))
-    return Dataset(path, "list", _check_unique(cases, path))
+        if r.get("modality"):
+            word = MODALITY_WORDS.get(str(r["modality"]).strip().lower())
+            if word is None:
+                raise InputError(path, f"row {i + 1}: modality must be ct or mr, got {str(r['modality'])[:20]!r}")
+            by_modality.setdefault(word, []).append(i + 1)
+        if r.get("label_names"):
+            names = _row_label_names(r["label_names"], path, i + 1)
+            if label_names and names != label_names:
+                where = f"row {names_row}'s" if names_row else "the list's"
+                raise InputError(path, f"row {i + 1}: label names {_show(names)} differ from {where}"
+                                       f" {_show(label_names)}; give the same names on every row (or on one only)")
+            label_names, names_row = names, names_row or i + 1
+    if label_names and 0 not in label_names:
+        label_names = {0: "background", **label_names}
+    if len(by_modality) > 1:
+        ct, mr = by_modality["ct"], by_modality["mr"]
+        raise InputError(path, f"rows name both CT ({_rows(ct)}) and MR ({_rows(mr)}); a dataset has one modality"
+                               " per channel: split the list into a CT and an MR dataset")
+    cases = _check_unique(cases, path)
+    listed = {cases[r - 1].id: word for word, rs in by_modality.items() for r in rs}
+    modalities, why = None, ""
+    if by_modality and len(listed) == len(cases):  # else prepare looks at the other cases' intensities
+        modalities, why = [next(iter(by_modality))], f"{path.name} modality column"
+    return Dataset(path, "list", cases, label_names, modality=modalities[0] if modalities else None,
+                   modalities=modalities, modality_why=why, case_modalities=listed)
+
+
+def _rows(rows: list[int]) -> str:
+    head = ", ".join(str(r) for r in rows[:3])
+    return f"row{'s' if len(rows) > 1 else ''} {head}{', ...' if len(rows) > 3 else ''}"
+
+
+def _show(names: dict[int, str]) -> str:
+    return ";".join(f"{k}:{v}" for k, v in sorted(names.items()))
 
 
 def open_dataset(path: str | os.PathLike, *, allow_outside: bool = False) -> Dataset:

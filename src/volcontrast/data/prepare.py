@@ -63,7 +63,9 @@ class PrepareSettings:
     """What ``prepare`` does; saved in the manifest. ``None`` fields are resolved from the dataset."""
 
     spacing: tuple[float, float, float] | None = None  # mm; None = median spacing of the dataset
-    modality: str | None = None  # "ct" | "mr"; None = from dataset.json, else guessed from intensities
+    # "ct" | "mr" per channel, comma-separated ("ct", "mr,mr"); None = from dataset.json or the list's modality
+    # column, else detected per case from intensities (a dataset whose cases disagree is an error)
+    modality: str | None = None
     image_order: int = 1  # 1 linear, 3 cubic
     label_interpolation: str = "linear"  # "linear" (one-hot linear, nnU-Net) | "nearest"
     ct_percentiles: tuple[float, float] = (0.5, 99.5)
@@ -73,8 +75,12 @@ class PrepareSettings:
     stats_samples_per_case: int = 20000
 
     def __post_init__(self) -> None:
-        if self.modality not in (None, "ct", "mr"):
-            raise InputError("--modality", f"must be ct or mr, got {self.modality!r}")
+        if self.modality is not None:
+            words = [w.strip().lower() for w in str(self.modality).split(",")]
+            bad = [w for w in words if w not in ("ct", "mr")]
+            if bad:
+                raise InputError("--modality", f"must be ct or mr (one per channel), got {bad[0]!r}")
+            self.modality = ",".join(words)
         if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
             raise InputError("--spacing", f"needs three positive numbers (mm), got {self.spacing}")
         if self.image_order not in (1, 3):
@@ -93,6 +99,7 @@ class PrepareReport:
     skipped: dict[str, str] = field(default_factory=dict)  # case id -> one-line error
     seconds: float = 0.0
     bytes_written: int = 0
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the dataset at a glance (format_fingerprint)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -139,38 +146,25 @@ def _load_label(case: Case, image: Volume, label_names: dict[int, str]) -> np.nd
     return lab.array
 
 
-def _guess_modality(case: Case) -> str:
-    vol = load_volume(case.images[0])
-    return "ct" if float(np.percentile(vol.array, 1)) < -500 else "mr"
+CT_AIR_HU = -500.0  # a CT scan has air: its darkest 1 % lies below this (HU); an MR scan's does not
 
 
-# ------------------------------------------------------------------------------------ worker functions
-
-
-def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground: str,
-                  stats_dir: str) -> tuple[str, np.ndarray]:
-    """Foreground intensity samples of a case (cached on disk by source signature)."""
-    key = stable_hash(
-        [_source_signature(case), foreground, settings.ct_body_threshold, settings.stats_samples_per_case]
-    )
-    path = Path(stats_dir) / f"{case.id}-{key}.npy"
+def _case_darkest(case: Case, ds: Dataset, stats_dir: str) -> float:
+    """The 1st intensity percentile of a case's first channel (cached on disk by source signature)."""
+    path = Path(stats_dir) / f"{case.id}-p1-{stable_hash(_source_signature(case))}.npy"
     if path.exists():
-        return case.id, np.load(path)
+        return float(np.load(path))
     image = _load_image(case, ds.num_channels, ds.channels_in_file)
-    raw = image.array[0]
-    if foreground == "label" and case.label is not None:
-        label = _load_label(case, image, ds.label_names)
-        mask = label > 0
-        if not mask.any():
-            mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
-    else:
-        mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
-    # the draw depends on the case id only, so the same data gives the same statistics wherever it lives
-    samples = sample_voxels(raw, mask, settings.stats_samples_per_case, seed=int(stable_hash(case.id)[:8], 16))
+    p1 = float(np.percentile(image.array[0], 1))
+    _save_quietly(path, np.asarray(p1))
+    return p1
+
+
+def _save_quietly(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(tmp, samples)
+        np.save(tmp, array)
         os.replace(tmp, path)
     except OSError as exc:  # a full disk or a read-only cache: the user's to fix
         remove_quietly(tmp)
@@ -178,7 +172,75 @@ def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground
         if err is exc:
             raise
         raise err from None
-    return case.id, samples
+
+
+def _resolve_modalities(ds: Dataset, settings: PrepareSettings, good: list[Case], runner: _Runner, stats_dir: str,
+                        on_error) -> tuple[list[str], str, list[Case]]:
+    """(modality per channel, why it was chosen, the cases still readable). ``--modality`` wins over what the
+    dataset says (a list's modality column may not contradict it); else dataset.json's channel names or the
+    list's column; else each case's intensities, which must agree."""
+    n = ds.num_channels
+    listed = {c.id: ds.case_modalities[c.id] for c in good if c.id in ds.case_modalities}
+    if settings.modality:
+        words = settings.modality.split(",")
+        if len(words) != n:
+            example = ",".join(["mr"] * n)
+            raise InputError("--modality", f"gives {len(words)} value(s) but the dataset has {n} channel(s) "
+                                           f"({', '.join(ds.channel_names)}); give one per channel, e.g. {example}")
+        clash = next((cid for cid, m in listed.items() if m != words[0]), None)
+        if clash is not None:
+            raise InputError(ds.root, f"case {clash} is listed as {listed[clash].upper()} but --modality says "
+                                      f"{words[0].upper()}")
+        return words, "--modality", good
+    if ds.modalities:
+        return list(ds.modalities), ds.modality_why, good
+    todo = [c for c in good if c.id not in listed]
+    darkest = runner.map("modality", _case_darkest, todo, ds, stats_dir, on_error=on_error)
+    good = [c for c in good if c.id in listed or c.id in darkest]
+    if not good:
+        raise InputError(ds.root, "no readable cases")
+    found = {**{cid: ("ct" if p1 < CT_AIR_HU else "mr") for cid, p1 in darkest.items()}, **listed}
+    groups = {m: [c.id for c in good if found[c.id] == m] for m in ("ct", "mr")}
+    if groups["ct"] and groups["mr"]:
+        def some(ids: list[str]) -> str:
+            return ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        raise InputError(ds.root, f"cases look like CT ({some(groups['ct'])}) and MR ({some(groups['mr'])}) (CT: "
+                                  f"darkest 1 % below {CT_AIR_HU:.0f} HU{', or listed' if listed else ''}); give "
+                                  "--modality ct or --modality mr, or split the dataset")
+    modality = "ct" if groups["ct"] else "mr"
+    where = "below" if modality == "ct" else "above"
+    why = f"detected: darkest 1 % {where} {CT_AIR_HU:.0f} HU in all {len(darkest)} case(s)"
+    if listed:
+        why = f"{len(listed)} case(s) listed in {ds.root.name}, {len(darkest)} {why}" if darkest else \
+            f"{ds.root.name} modality column"
+    return [modality] * n, why, good
+
+
+# ------------------------------------------------------------------------------------ worker functions
+
+
+def _case_samples(case: Case, ds: Dataset, settings: PrepareSettings, foreground: str,
+                  stats_dir: str, channels: tuple[int, ...] = (0,)) -> tuple[str, dict[int, np.ndarray]]:
+    """Foreground intensity samples of a case's CT ``channels`` (cached on disk by source signature)."""
+    key = stable_hash(
+        [_source_signature(case), foreground, settings.ct_body_threshold, settings.stats_samples_per_case]
+    )
+    paths = {c: Path(stats_dir) / (f"{case.id}-{key}.npy" if c == 0 else f"{case.id}-{key}-c{c}.npy")
+             for c in channels}
+    if all(p.exists() for p in paths.values()):
+        return case.id, {c: np.load(p) for c, p in paths.items()}
+    image = _load_image(case, ds.num_channels, ds.channels_in_file)
+    label = _load_label(case, image, ds.label_names) if foreground == "label" and case.label is not None else None
+    out = {}
+    for c, path in paths.items():
+        raw = image.array[c]
+        mask = label > 0 if label is not None else None
+        if mask is None or not mask.any():
+            mask = body_mask(raw, "ct", ct_threshold=settings.ct_body_threshold)
+        # the draw depends on the case id only, so the same data gives the same statistics wherever it lives
+        out[c] = sample_voxels(raw, mask, settings.stats_samples_per_case, seed=int(stable_hash(case.id)[:8], 16))
+        _save_quietly(path, out[c])
+    return case.id, out
 
 
 @dataclass
@@ -198,7 +260,10 @@ def preprocess_case(image: Volume, label: np.ndarray | None, resolved: dict[str,
     (as stored in the cache manifest). Pure: nothing is read or written.
     """
     settings = from_dict(PrepareSettings, resolved["settings"])
-    modality = resolved["modality"]
+    modality = resolved["modality"]  # channel 0's: the body mask
+    n_channels = image.array.shape[0]
+    modalities = resolved.get("channel_modalities") or [modality] * n_channels
+    channel_stats = resolved.get("channel_ct_stats") or [resolved["ct_stats"]] * n_channels
     canonical_shape = image.shape
     grid = resample_grid(canonical_shape, image.affine, tuple(resolved["spacing"]))
     data = resample_image(image.array, grid, order=settings.image_order)
@@ -214,10 +279,9 @@ def preprocess_case(image: Volume, label: np.ndarray | None, resolved: dict[str,
     affine = crop_affine(grid.affine, lower)  # type: ignore[arg-type]
     intensity = []
     for c in range(data.shape[0]):
-        if modality == "ct" and resolved["ct_stats"] is not None:
-            stats = CTStats(**resolved["ct_stats"])
-            data[c] = normalize_ct(data[c], stats)
-            intensity.append({"scheme": "ct", **resolved["ct_stats"]})
+        if modalities[c] == "ct" and channel_stats[c] is not None:
+            data[c] = normalize_ct(data[c], CTStats(**channel_stats[c]))
+            intensity.append({"scheme": "ct", **channel_stats[c]})
         else:
             data[c], mean, std = normalize_zscore(data[c], body)
             intensity.append({"scheme": "zscore-body", "mean": mean, "std": std})
@@ -407,23 +471,31 @@ def _prepare_dataset(
     if not good:
         raise InputError(ds.root, "no readable cases")
     spacing = settings.spacing or tuple(float(v) for v in np.median([geometries[c.id].spacing for c in good], axis=0))
-    modality = settings.modality or ds.modality or _guess_modality(good[0])
+    modalities, modality_why, good = _resolve_modalities(ds, settings, good, runner, str(out / ".stats"), on_error)
+    modality = modalities[0]
 
-    # 2. dataset intensity statistics (CT)
-    ct = None
-    if modality == "ct":
+    # 2. dataset intensity statistics (each CT channel)
+    channel_stats: list[dict[str, float] | None] = [None] * len(modalities)
+    ct_channels = tuple(c for c, m in enumerate(modalities) if m == "ct")
+    if ct_channels:
         all_labelled = all(c.labelled for c in good)
         foreground = settings.ct_foreground
         if foreground == "auto":
             foreground = "label" if all_labelled else "body"
         samples = runner.map("statistics", _case_samples, good, ds, settings, foreground, str(out / ".stats"),
-                             on_error=on_error)
+                             ct_channels, on_error=on_error)
         good = [c for c in good if c.id in samples]
         if not good:
             raise InputError(ds.root, "no readable cases")
-        ct = to_dict(ct_stats(np.concatenate([samples[c.id][1] for c in good]), settings.ct_percentiles))
+        for ch in ct_channels:
+            pooled = np.concatenate([samples[c.id][1][ch] for c in good])
+            channel_stats[ch] = to_dict(ct_stats(pooled, settings.ct_percentiles))
+    ct = channel_stats[0]
     resolved = {"settings": to_dict(settings), "spacing": list(spacing), "modality": modality, "ct_stats": ct,
                 "format": CACHE_FORMAT}
+    if len(modalities) > 1:  # one entry per channel (a single channel keeps the older, shorter form)
+        resolved["channel_modalities"] = list(modalities)
+        resolved["channel_ct_stats"] = channel_stats
     # everything preprocess_case needs to repeat this preprocessing on a new scan (predict)
     settings_hash = stable_hash(resolved)
 
@@ -437,6 +509,7 @@ def _prepare_dataset(
             "label_names": {str(k): v for k, v in ds.label_names.items()},
             "channel_names": ds.channel_names,
             "modality": modality,
+            "modalities": list(modalities),
         },
         "settings": to_dict(settings),
         "resolved": resolved,
@@ -448,6 +521,8 @@ def _prepare_dataset(
         "cases": [],
         "skipped": {},
     }
+    fingerprint = _fingerprint(ds, good, geometries, modalities, modality_why, spacing)
+    report.fingerprint = manifest["fingerprint"] = fingerprint
 
     # 3. cases: reuse unchanged ones whose files are intact, process the rest (into a folder that the committed
     # manifest does not use, so that a failure leaves the old cache valid)
@@ -469,6 +544,10 @@ def _prepare_dataset(
         manifest["case_dirs"] = {cid: dirs[cid] for cid in manifest["cases"] if dirs[cid] != cid}
         manifest["skipped"] = dict(report.skipped)
         manifest["complete"] = complete
+        fingerprint["cases"] = len(manifest["cases"])
+        fingerprint["labelled"] = sum(c.labelled for c in ds.cases if c.id in done)
+        fingerprint["skipped"] = len(report.skipped)
+        fingerprint["labels_found"] = _labels_found(out / "cases", {cid: dirs[cid] for cid in manifest["cases"]})
         manifest["dataset_fingerprint"] = stable_hash(sorted(fingerprints.values()))
         atomic_write_json(out / "manifest.json", manifest)
 
@@ -489,6 +568,65 @@ def _prepare_dataset(
     _remove_superseded(out / "cases", {cid: dirs[cid] for cid in manifest["cases"]})
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _fingerprint(ds: Dataset, good: list[Case], geometries: dict[str, Any], modalities: list[str], why: str,
+                 spacing: tuple[float, ...]) -> dict[str, Any]:
+    """The dataset at a glance (nnU-Net's dataset fingerprint, short): stored in the manifest, printed by the CLI."""
+    spacings = np.array([geometries[c.id].spacing for c in good], dtype=np.float64)
+    shapes = np.array([geometries[c.id].shape for c in good], dtype=np.int64)
+    return {
+        "source": str(ds.root),
+        "layout": ds.layout,
+        "cases": len(good),
+        "labelled": sum(c.labelled for c in good),
+        "skipped": 0,
+        "channels": [{"name": name, "modality": m, "why": why} for name, m in zip(ds.channel_names, modalities)],
+        "spacing": {"median": [round(float(v), 4) for v in np.median(spacings, axis=0)],
+                    "min": [round(float(v), 4) for v in spacings.min(axis=0)],
+                    "max": [round(float(v), 4) for v in spacings.max(axis=0)],
+                    "target": [round(float(v), 4) for v in spacing]},
+        "shape": {"min": [int(v) for v in shapes.min(axis=0)], "max": [int(v) for v in shapes.max(axis=0)]},
+        "label_names": {str(k): v for k, v in sorted(ds.label_names.items())},
+        "labels_found": [],
+    }
+
+
+def _labels_found(cases: Path, dirs: dict[str, str]) -> list[int]:
+    """Label values present in any prepared case (from each case's meta.json)."""
+    found: set[int] = set()
+    for name in dirs.values():
+        try:
+            meta = read_json(cases / name / "meta.json")
+        except InputError:
+            continue
+        if isinstance(meta, dict):
+            found.update(int(v) for v in meta.get("labels_present") or [])
+    return sorted(found)
+
+
+def format_fingerprint(fp: dict[str, Any]) -> list[str]:
+    """The fingerprint as the lines ``prepare`` prints."""
+    def axes(values: list, fmt: str = "{:g}") -> str:
+        return " x ".join(fmt.format(v) for v in values)
+
+    def ranges(lo: list, hi: list) -> str:
+        return " x ".join(f"{a:g}" if a == b else f"{a:g}-{b:g}" for a, b in zip(lo, hi))
+
+    unlabelled = fp["cases"] - fp["labelled"]
+    lines = [f"dataset: {fp['cases']} case(s) ({fp['labelled']} labelled, {unlabelled} unlabelled"
+             + (f", {fp['skipped']} skipped" if fp.get("skipped") else "") + f"), layout {fp['layout']}"]
+    for i, ch in enumerate(fp["channels"]):
+        lines.append(f"channel {i} ({ch['name']}): {ch['modality'].upper()} ({ch['why']})")
+    sp = fp["spacing"]
+    lines.append(f"spacing (mm): median {axes(sp['median'])}, range {ranges(sp['min'], sp['max'])}; "
+                 f"resampled to {axes(sp['target'])}")
+    lines.append(f"shape (voxels): {ranges(fp['shape']['min'], fp['shape']['max'])}")
+    names = fp.get("label_names") or {}
+    found = fp.get("labels_found") or []
+    shown = ", ".join(f"{k} {v}" for k, v in names.items()) if names else "no names given"
+    lines.append(f"labels: {shown}" + (f" (values found: {', '.join(str(v) for v in found)})" if found else ""))
+    return lines
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:
