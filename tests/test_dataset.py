@@ -36,6 +36,7 @@ def _msd(root, n=2, test=1):
 def test_msd_layout(tmp_path):
     ds = open_dataset(_msd(tmp_path / "Task03"))
     assert ds.layout == "msd" and ds.modality == "ct"
+    assert ds.modalities == ["ct"] and ds.modality_why == "dataset.json modality"
     assert [c.id for c in ds.cases] == ["liver_0", "liver_1", "liver_10"]
     assert [c.labelled for c in ds.cases] == [True, True, False]
     assert ds.label_names == {0: "background", 1: "liver", 2: "tumour"}
@@ -51,6 +52,14 @@ def test_msd_missing_listed_file(tmp_path):
 def test_nnunet_layout(tmp_path):
     ds = open_dataset(write_nnunet(tmp_path / "Dataset001_X", n=3))
     assert ds.layout == "nnunet" and ds.modality == "ct" and ds.channel_names == ["CT"]
+    assert ds.modalities == ["ct"] and ds.modality_why == "dataset.json channel_names"
+    meta = json.loads((tmp_path / "Dataset001_X" / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "T2", "1": "CT"}  # per channel: only a channel named CT is CT
+    (tmp_path / "Dataset001_X" / "dataset.json").write_text(json.dumps(meta))
+    for i in range(3):
+        (tmp_path / "Dataset001_X" / "imagesTr" / f"case{i:02d}_0001.nii.gz").write_bytes(b"")
+    ds = open_dataset(tmp_path / "Dataset001_X")
+    assert ds.modalities == ["mr", "ct"] and ds.modality == "mr" and ds.num_channels == 2
     assert [c.id for c in ds.cases] == ["case00", "case01", "case02"]
     assert all(c.label.name == f"{c.id}.nii.gz" for c in ds.cases)
     assert ds.label_names == {0: "background", 1: "organ1", 2: "organ2"}
@@ -79,6 +88,11 @@ def test_plain_folder_with_formats_and_dicom(tmp_path):
     assert ds.layout == "folder"
     assert sorted(c.id for c in ds.cases) == ["a", "c", "dicom_case", "sub_b"]
     assert not any(c.labelled for c in ds.cases)
+    # a label map next to a scan makes a pair (tests/test_prepare_data.py has the rules)
+    save_volume(tmp_path / "sub" / "b_seg.nrrd", np.zeros((20, 18, 16), np.uint8), aff)
+    ds = open_dataset(tmp_path)
+    assert sorted(c.id for c in ds.cases) == ["a", "c", "dicom_case", "sub_b"]
+    assert [c.label.name for c in ds.cases if c.labelled] == ["b_seg.nrrd"]
 
 
 def test_empty_folder(tmp_path):
@@ -96,6 +110,7 @@ def test_csv_and_json_lists(tmp_path):
     ds = open_dataset(tmp_path / "list.csv")
     assert ds.layout == "list" and [c.id for c in ds.cases] == ["x", "y"]
     assert ds.cases[0].label.name == "x_seg.nii.gz" and ds.cases[1].label is None
+    assert ds.modalities is None and ds.label_names == {}  # nothing said: prepare looks at every case
     (tmp_path / "list.json").write_text(json.dumps([{"image": "scans/x.nii.gz", "id": "p1"}, "scans/y.nii.gz"]))
     ds = open_dataset(tmp_path / "list.json")
     assert [c.id for c in ds.cases] == ["p1", "y"]

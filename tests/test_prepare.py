@@ -102,6 +102,9 @@ def test_mr_per_volume_zscore_over_body(tmp_path):
     prepare_dataset(root, tmp_path / "cache", workers=1, progress=False)
     c = open_cache(tmp_path / "cache")
     assert c.modality == "mr"
+    assert c.manifest["fingerprint"]["channels"] == [{"name": "T1", "modality": "mr",
+                                                      "why": "dataset.json channel_names"}]
+    assert c.manifest["resolved"]["ct_stats"] is None and "channel_ct_stats" not in c.manifest["resolved"]
     for cid in c.ids:
         body = c.body(cid).astype(bool)
         vals = c.image(cid)[0][body]

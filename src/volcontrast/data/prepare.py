@@ -211,8 +211,8 @@ def _resolve_modalities(ds: Dataset, settings: PrepareSettings, good: list[Case]
     where = "below" if modality == "ct" else "above"
     why = f"detected: darkest 1 % {where} {CT_AIR_HU:.0f} HU in all {len(darkest)} case(s)"
     if listed:
-        why = f"{len(listed)} case(s) listed in {ds.root.name}, {len(darkest)} {why}" if darkest else \
-            f"{ds.root.name} modality column"
+        why = (f"{len(listed)} case(s) listed in {ds.root.name}, {len(darkest)} detected (darkest 1 % {where} "
+               f"{CT_AIR_HU:.0f} HU)") if darkest else f"{ds.root.name} modality column"
     return [modality] * n, why, good
 
 
