@@ -262,3 +262,23 @@ def test_label_names_errors(tmp_path):
     (tmp_path / "few.csv").write_text("image,label,label_names\nscans/p0.nii.gz,scans/p0_seg.nii.gz,1:liver\n")
     with pytest.raises(InputError, match=r"p0_seg.nii.gz: label values \[2\] are not among the dataset's labels"):
         _prep(tmp_path / "few.csv", tmp_path / "c")
+
+
+def test_label_names_from_a_csv_reach_model_json_and_evaluate_table(tmp_path):
+    """Issue 19's test: label names given in a CSV reach the fine-tuned model.json and evaluate's table."""
+    from volcontrast.engine.evaluate import evaluate
+    from volcontrast.engine.finetune import finetune, resolve_finetune_config
+
+    _scans(tmp_path / "scans", ["ct"] * 4, shape=(24, 22, 20))
+    rows = "".join(f"scans/p{i}.nii.gz,scans/p{i}_seg.nii.gz,{'1:liver;2:tumour' if i == 0 else ''}\n"
+                   for i in range(4))
+    (tmp_path / "l.csv").write_text("image,label,label_names\n" + rows)
+    _prep(tmp_path / "l.csv", tmp_path / "cache")
+    config = resolve_finetune_config("cpu-tiny", None, {"folds": 2, "steps": 2, "log_every": 1, "val_every": 2,
+                                                        "data": {"crop_size": [16, 16, 16], "batch_size": 1}})
+    finetune(tmp_path / "cache", tmp_path / "run", config, progress=False)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["label_names"] == {"0": "background", "1": "liver", "2": "tumour"}
+    result = evaluate(tmp_path / "run", tmp_path / "cache", progress=False)
+    assert result["label_names"] == {0: "background", 1: "liver", 2: "tumour"}
+    assert "| 1 (liver) |" in result["table"] and "| 2 (tumour) |" in result["table"]
