@@ -34,7 +34,18 @@ class Monitor:
 
 @dataclass
 class ContrastiveCollapse(Monitor):
-    band: float = 0.01  # |loss - collapse_value| < band x collapse_value counts as "at the collapse value"
+    """InfoNCE collapse, judged on each logged row (its mean over the logging interval).
+
+    A row is collapsed when the embeddings have no spread (``embedding_spread < 1e-3``), or when the loss stays
+    within ``band`` (3%) of its all-embeddings-equal value *and* either the spread is small (< 0.05) or the
+    positive and negative similarities have converged (``pos_cosine − neg_cosine < gap``), or when the
+    similarities have converged high (``neg_cosine > 0.9`` and the gap below ``gap``) whatever the loss.
+    A near-collapse such as PCL's on a brain cohort (loss 1.5% below the collapse value, cosines 0.97 / 0.94) is
+    flagged; a GCL run that sits near the collapse value while its positives and negatives separate is not.
+    """
+
+    band: float = 0.03  # |loss - collapse_value| < band x collapse_value counts as "at the collapse value"
+    gap: float = 0.05  # pos_cosine - neg_cosine below this: positives are no closer than negatives
 
     def collapsed(self, row: dict[str, float]) -> str | None:
         if "collapse_value" not in row:
@@ -42,9 +53,15 @@ class ContrastiveCollapse(Monitor):
         value = row["collapse_value"]
         near = abs(row["loss"] - value) < self.band * max(value, 1e-6)
         spread = row.get("embedding_spread", 1.0)
-        if spread < 1e-3 or (near and spread < 0.05):
-            return (f"the loss sits at the collapse value {value:.4f} (all embeddings alike); lower the learning "
+        pos, neg = row.get("pos_cosine", float("nan")), row.get("neg_cosine", float("nan"))
+        converged = not (math.isnan(pos) or math.isnan(neg)) and pos - neg < self.gap
+        if spread < 1e-3 or (near and (spread < 0.05 or converged)):
+            return (f"the loss sits within {100 * self.band:.0f}% of the collapse value {value:.4f} (all embeddings "
+                    f"alike: spread {spread:.4f}, positive/negative cosine {pos:.3f}/{neg:.3f}); lower the learning "
                     "rate or check the augmentation")
+        if converged and neg > 0.9:
+            return (f"positive and negative similarities have converged (cosine {pos:.3f}/{neg:.3f}): every "
+                    "embedding points the same way; lower the learning rate or check the augmentation")
         return None
 
 
