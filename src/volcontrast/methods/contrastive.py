@@ -8,8 +8,12 @@ gathered across DDP ranks, and the positive mask decides who is a friend:
 - GCL: same partition of the body axis (S equal partitions), any volume;
 - PCL: |p_a - p_b| < lambda (per axis for ``axes="xyz"``), any volume; both views always positive.
 
-Positions are ``body`` (normalised body-box coordinate of the view centre, default) or ``index`` (slice
-index / number of slices of the resampled volume, paper parity); see :mod:`volcontrast.views.geometry`.
+Positions are ``body`` (normalised body-box coordinate of the view centre, default), ``index`` (slice
+index / number of slices of the resampled volume, paper parity; see :mod:`volcontrast.views.geometry`), or the
+name of a correspondence provider, e.g. ``affine``: the view centre mapped into the reference scan and normalised
+by the reference's body box (:meth:`~volcontrast.spatial.correspondence.CorrespondenceProvider.normalised`). The
+body box is a poor frame when fields of view differ (a brain scan's head fills its scan, so body positions become
+slice positions); the registered reference frame is not.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +34,7 @@ from volcontrast.methods.monitors import ContrastiveCollapse, Monitor
 from volcontrast.methods.registry import register_method, register_preset
 from volcontrast.nets.base import Backbone
 from volcontrast.nets.heads import GlobalProjectionHead
+from volcontrast.spatial.correspondence import provider_names
 from volcontrast.spatial.masks import gcl_positive_mask, pcl_positive_mask, simclr_positive_mask, view_item_ids
 from volcontrast.views.augment import augment
 from volcontrast.views.geometry import CaseTable, view_geometry
@@ -45,7 +51,7 @@ class ContrastConfig:
     proj_dim: int = 128
     proj_hidden: int = 0  # 0 = same as the encoder's deepest width
     threshold: list[float] = field(default_factory=lambda: [0.1])  # PCL lambda (one, or one per axis)
-    position: str = "body"  # body | index
+    position: str = "body"  # body | index | a correspondence provider (affine: the reference scan's anatomy)
     axes: str = "z"  # z (body axis) | xyz (3D crops, per-axis thresholds)
     partitions: int = 4  # GCL
 
@@ -61,12 +67,18 @@ class ContrastiveMethod(PretrainMethod):
         c = config.contrast
         width = backbone.encoder_channels[-1]
         self.head = GlobalProjectionHead(width, out_dim=c.proj_dim, hidden_dim=c.proj_hidden or width)
+        # positions from a correspondence provider (e.g. affine: the reference scan's anatomy) instead of the
+        # scan's own body box or slice index, which differ between scans whose fields of view differ
+        self._provider = None if c.position in ("body", "index") else self.fit_provider(c.position)
 
     @classmethod
     def validate_config(cls, config: PretrainConfig) -> None:
         c = config.contrast
-        if c.position not in ("body", "index"):
-            raise InputError("contrast.position", "must be body or index")
+        if c.position not in ("body", "index") and c.position not in provider_names():
+            raise InputError("contrast.position", f"must be body, index or a correspondence provider "
+                                                  f"({', '.join(provider_names())}), got {c.position!r}")
+        if c.position not in ("body", "index") and config.dim != 3:
+            raise InputError("contrast.position", f"positions from the {c.position!r} provider need 3D crops")
         if c.axes not in ("z", "xyz"):
             raise InputError("contrast.axes", "must be z or xyz")
         if not c.temperature > 0:
@@ -81,7 +93,16 @@ class ContrastiveMethod(PretrainMethod):
 
     def positions_of(self, geometry) -> Tensor:
         c = self.config.contrast
-        return geometry.positions(c.position, c.axes)
+        if self._provider is None:
+            return geometry.positions(c.position, c.axes)
+        centres = geometry.cached_centre.numpy()
+        idx = geometry.case_index.numpy()
+        out = np.empty_like(centres)
+        for ci in np.unique(idx):
+            rows = idx == ci
+            out[rows] = self._provider.normalised(self.table.ids[int(ci)], centres[rows])
+        p = torch.from_numpy(out)
+        return p[:, 2] if c.axes == "z" else p
 
     def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
         crop = tuple(self.config.data.crop_size)

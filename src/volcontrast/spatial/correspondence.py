@@ -152,6 +152,17 @@ class CorrespondenceProvider(ABC):
         """(...) in [0, 1]: 1 for voxels inside the scan and its body mask, 0 elsewhere (nearest voxel)."""
         return self._in_body(case_id, as_points(voxels))
 
+    def reference_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(lower, upper)`` (3,) of the reference frame's body, in its units: positions normalised by it lie
+        in [0, 1]³ inside the reference body (PCL/GCL positions from a provider). Default: the unit cube."""
+        return np.zeros(3), np.ones(3)
+
+    def normalised(self, case_id: str, voxels: PointsLike) -> np.ndarray:
+        """(..., 3) reference coordinates scaled by :meth:`reference_box` (0 and 1 at the reference body's
+        bounds on each axis)."""
+        lo, hi = self.reference_box()
+        return (self.to_reference(case_id, voxels) - lo) / np.maximum(hi - lo, 1e-9)
+
     # helpers shared by the providers
     def _case_ids(self, case_ids: list[str] | None) -> list[str]:
         ids = list(self.cache.ids if case_ids is None else case_ids)
@@ -334,6 +345,11 @@ class AffineProvider(CorrespondenceProvider):
     def _world_box(self, case_id: str) -> np.ndarray:
         meta = self.cache.meta(case_id)
         return world_box(meta.affine, meta.body_bbox)
+
+    def reference_box(self) -> tuple[np.ndarray, np.ndarray]:
+        """The reference scan's body box in world mm (RAS): ``(lower, upper)``."""
+        box = np.asarray(self._world_box(self.reference), dtype=np.float64)
+        return box.min(axis=0), box.max(axis=0)
 
     # ----------------------------------------------------------------------------------------- fit
     def fit(self, case_ids: list[str] | None = None, *, progress: bool = False) -> FitReport:
