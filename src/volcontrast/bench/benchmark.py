@@ -268,14 +268,18 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
     lrs = sorted(float(x) for x in config.lr_sweep)
     if any(x <= 0 for x in lrs):
         raise InputError("--lr-sweep", f"learning rates must be > 0, got {config.lr_sweep}")
-    if record.is_file():
-        old = read_json(record)
-        if sorted(float(x) for x in old["lrs"]) == lrs:
-            log(f"scratch learning rate {old['chosen']:.2g} from {record}")
-            return float(old["chosen"])
     fold = (config.run_folds or [0])[0]
     seed = config.seeds[0]
     probe = _finetune_config(config, "scratch", 0, fold, seed, config.dim)
+    budgets = list(config.sweep_labeled or config.labeled)
+    if record.is_file():
+        old = read_json(record)
+        # reused only for the same candidates, budgets and fine-tuning length (a longer schedule may move the
+        # best learning rate)
+        if (sorted(float(x) for x in old["lrs"]) == lrs and old.get("steps") == probe.steps
+                and old.get("budgets", budgets) == budgets):
+            log(f"scratch learning rate {old['chosen']:.2g} from {record}")
+            return float(old["chosen"])
     split = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
                          val_fraction=probe.val_fraction)[fold]
     dev = list(split.val)
@@ -284,7 +288,6 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
     sweep_cfg = merge(config, {"val": 0, "eval_at": [1.0]})
     scores = []
     steps = 0
-    budgets = list(config.sweep_labeled or config.labeled)
     for lr in lrs:
         dice = []
         for budget in budgets:
