@@ -258,6 +258,81 @@ def test_monai_bundle_runs_on_a_scan_with_monai_bundle_run(tmp_path):
     assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2}
 
 
+def _two_channel_cache(tmp_path: Path):
+    """A prepared CT + PET (z-scored) dataset, as in test_prepare_data.test_modality_per_channel."""
+    from volcontrast.data.cache import open_cache
+    from volcontrast.data.prepare import prepare_dataset
+
+    from helpers import write_nnunet
+
+    root = write_nnunet(tmp_path / "raw", n=2, orientations=("RAS",))
+    for i in range(2):
+        _, lab, aff = phantom(seed=i)
+        pet = (1.0 + lab * 2.0 + np.random.default_rng(i).random(lab.shape)).astype(np.float32)
+        save_volume(root / "imagesTr" / f"case{i:02d}_0001.nii.gz", pet, aff)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "PET"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    prepare_dataset(root, tmp_path / "cache", workers=1, progress=False)
+    return root, open_cache(tmp_path / "cache")
+
+
+def test_monai_bundle_normalises_each_channel_as_prepare(tmp_path):
+    import monai.bundle
+    import nibabel as nib
+    from monai.bundle import ConfigParser
+
+    root, cache = _two_channel_cache(tmp_path)
+    resolved = cache.manifest["resolved"]
+    assert resolved["channel_modalities"] == ["ct", "mr"]
+    torch.manual_seed(0)
+    net = build_backbone("plain_unet", dim=3, preset="tiny", in_channels=2, num_classes=3).eval()
+    run = tmp_path / "run"
+    save_checkpoint(run, net, {"kind": "segmentation", "dim": 3, "architecture": net.arch_config(),
+                               "patch_size": [16, 16, 16], "preprocessing": resolved}, None)
+    bundle = export_monai(run, tmp_path / "bundle")
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser["dataset_dir"] = str(root / "imagesTr")
+    cases = parser.get_parsed_content("datalist")
+    assert [[Path(f).name for f in files] for files in cases] == [
+        [f"case{i:02d}_{c:04d}.nii.gz" for c in range(2)] for i in range(2)]
+    out = parser.get_parsed_content("preprocessing")({"image": cases[0]})["image"]
+    assert tuple(out.shape) == (2, 20, 18, 16)  # same spacing: nothing resampled, and the bundle does not crop
+    cid = cache.ids[0]
+    lower = cache.meta(cid).crop_offset
+    cached = np.asarray(cache.image(cid))
+    window = tuple(slice(lo, lo + n) for lo, n in zip(lower, cached.shape[1:]))
+    got = out.numpy()
+    assert got[(slice(None), *window)].shape == cached.shape
+    for c in range(2):  # channel 0: the CT window of channel 0; channel 1: z-scored over the case's body
+        np.testing.assert_allclose(got[c][window], cached[c], rtol=0, atol=1e-5, err_msg=f"channel {c}")
+    ct = resolved["channel_ct_stats"][0]
+    raw = nib.load(str(cases[0][0])).get_fdata(dtype=np.float32)
+    np.testing.assert_allclose(got[0], (np.clip(raw, ct["clip_low"], ct["clip_high"]) - ct["mean"]) / ct["std"],
+                               rtol=0, atol=1e-5)  # outside the body box too
+    # ... and the whole bundle runs on the two-channel scans, one segmentation per case in the scan's grid
+    monai.bundle.run(run_id="run", init_id="initialize", meta_file=str(bundle / "configs" / "metadata.json"),
+                     config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle),
+                     dataset_dir=str(root / "imagesTr"), output_dir=str(tmp_path / "seg"))
+    segs = sorted(p.name for p in (tmp_path / "seg").iterdir())
+    assert segs == ["case00_0000_seg.nii.gz", "case01_0000_seg.nii.gz"]
+    seg = nib.load(str(tmp_path / "seg" / segs[0]))
+    assert seg.shape == (20, 18, 16)
+    np.testing.assert_allclose(seg.affine, nib.load(str(cases[0][0])).affine)
+
+
+def test_single_channel_bundle_keeps_one_window():
+    from volcontrast.engine.export import monai_inference_config
+
+    net = build_backbone("plain_unet", dim=3, preset="tiny", in_channels=1, num_classes=2)
+    config = monai_inference_config(net, {"preprocessing": CT})
+    (intensity,) = [t for t in config["preprocessing"]["transforms"] if "Intensity" in t["_target_"]]
+    assert intensity == {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000.0, "a_max": 250.0,
+                         "b_min": -3.5, "b_max": 2.0 / 3.0, "clip": True}
+    assert "channel_normalisation" not in config and config["datalist"].endswith("'*.nii*'))))")
+
+
 # ------------------------------------------------------------------------------------------------ imports
 
 

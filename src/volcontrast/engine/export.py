@@ -179,9 +179,46 @@ def monai_state_dict(net: Backbone) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
 
+# Multi-channel bundles normalise each channel as ``prepare`` does (data/preprocess.py): a CT channel is clipped to
+# its own window, then (x - mean) / std; any other channel is z-scored over the case's body mask. The body mask is
+# channel 0's: for CT, voxels above the HU threshold, largest face-connected component, holes filled (as
+# ``body_mask``); an MR channel 0 (an Otsu mask in ``prepare``) gives the whole scan, as a single-channel MR bundle.
+# Plain numpy/scipy expressions on the loaded array; the result keeps the MetaTensor's metadata so that ``Invertd``
+# still maps predictions back to the scan.
+BODY_MASK_EXPR = ("$lambda a: ndimage.binary_fill_holes((lambda lab, n: lab == 1 + numpy.argmax(numpy.bincount("
+                  "lab.ravel())[1:]) if n else numpy.ones(a.shape, bool))(*ndimage.label(a > @body_threshold))) "
+                  "if @body_from_ct else numpy.ones(a.shape, bool)")
+NORMALISE_CHANNEL_EXPR = ("$lambda a, c, body: (numpy.clip(a, c['clip_low'], c['clip_high']) - c['mean']) / c['std'] "
+                          "if c['scheme'] == 'ct' else (a - a[body].mean()) / max(float(a[body].std()), 1e-8)")
+NORMALISE_EXPR = ("$lambda x: (lambda arr: monai.data.MetaTensor(torch.as_tensor(numpy.stack([@normalise_channel("
+                  "a, c, body) for body in [@body_mask(arr[0])] for a, c in zip(arr, @channel_normalisation)]).astype("
+                  "numpy.float32)), meta=x.meta, applied_operations=x.applied_operations))(numpy.asarray("
+                  "x.as_tensor().detach().cpu(), dtype=numpy.float32))")
+
+
+def _channel_normalisation(preprocessing: dict[str, Any], channels: int) -> list[dict[str, Any]] | None:
+    """Per-channel schemes of a multi-channel cache (``resolved['channel_modalities']``), else None."""
+    modalities = preprocessing.get("channel_modalities")
+    if not modalities or len(modalities) < 2:
+        return None
+    if len(modalities) != channels:
+        raise InputError("--to", f"the run's preprocessing has {len(modalities)} channel(s) but its network takes "
+                                 f"{channels}")
+    stats = preprocessing.get("channel_ct_stats") or [None] * len(modalities)
+    out: list[dict[str, Any]] = []
+    for modality, st in zip(modalities, stats):
+        if modality == "ct" and st:
+            out.append({"scheme": "ct", **{k: float(st[k]) for k in ("clip_low", "clip_high", "mean", "std")}})
+        else:
+            out.append({"scheme": "zscore-body"})
+    return out
+
+
 def _intensity_transform(preprocessing: dict[str, Any] | None) -> dict[str, Any] | None:
     if not preprocessing:
         return None
+    if preprocessing.get("channel_modalities") and len(preprocessing["channel_modalities"]) > 1:
+        return {"_target_": "Lambdad", "keys": "image", "func": "@normalise_image"}
     stats = preprocessing.get("ct_stats")
     if preprocessing.get("modality") == "ct" and stats:
         lo, hi, mean, std = (float(stats[k]) for k in ("clip_low", "clip_high", "mean", "std"))
@@ -213,7 +250,7 @@ def monai_inference_config(net: Backbone, meta: dict[str, Any]) -> dict[str, Any
     else:  # a 2D network segments the volume slice by slice (axial slices: spatial axis 2 of X, Y, Z)
         inferer = {"_target_": "SliceInferer", "roi_size": patch, "spatial_dim": 2, "sw_batch_size": 4,
                    "overlap": 0.5, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant"}
-    return {
+    config: dict[str, Any] = {
         "imports": ["$import glob", "$import os", "$import torch", "$import monai"],
         "bundle_root": ".",
         "output_dir": "$os.path.join(@bundle_root, 'eval')",
@@ -243,6 +280,20 @@ def monai_inference_config(net: Backbone, meta: dict[str, Any]) -> dict[str, Any
         "initialize": ["@load_weights"],
         "run": ["$[@predict(batch) for batch in @dataloader]"],
     }
+    channels = _channel_normalisation(preprocessing, net.in_channels)
+    if channels is not None:
+        settings = preprocessing.get("settings") or {}
+        config["imports"] += ["$import re", "$import numpy", "$from scipy import ndimage"]
+        # one case = the files <case>_0000.nii.gz, <case>_0001.nii.gz, ... (nnU-Net naming), stacked as channels
+        config["datalist"] = (f"$[[re.sub(r'_0000(?=\\.nii)', '_%04d' % c, p) for c in range({net.in_channels})] "
+                              "for p in sorted(glob.glob(os.path.join(@dataset_dir, '*_0000.nii*')))]")
+        config["body_from_ct"] = preprocessing.get("modality") == "ct"
+        config["body_threshold"] = float(settings.get("ct_body_threshold", -500.0))
+        config["channel_normalisation"] = channels
+        config["body_mask"] = BODY_MASK_EXPR
+        config["normalise_channel"] = NORMALISE_CHANNEL_EXPR
+        config["normalise_image"] = NORMALISE_EXPR
+    return config
 
 
 def monai_metadata(net: Backbone, meta: dict[str, Any]) -> dict[str, Any]:
