@@ -138,14 +138,9 @@ def cuda_path_checks(device: torch.device, *, smoke: bool) -> list[dict[str, Any
 
 
 def _time_step(step, device: torch.device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - t0) / steps
+    from volcontrast.bench.speed import time_steps
+
+    return time_steps(step, device, steps, warmup)
 
 
 def plain_unet_reference(backbone_preset: str, batch: int, crop: tuple[int, ...], device: torch.device, *,

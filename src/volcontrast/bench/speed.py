@@ -54,6 +54,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
+    """Seconds per call of ``step()``: ``warmup`` untimed calls, then the mean of ``steps`` timed ones (the device
+    synchronised around the timed block)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
 def step_flops(fn) -> float:
     """FLOPs of ``fn()`` (forward + backward) counted by ``torch.utils.flop_counter``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -92,14 +105,7 @@ def dynunet_reference(arch: dict[str, Any], batch: int, crop: tuple[int, ...], d
         opt.zero_grad(set_to_none=True)
 
     flops = step_flops(lambda: (net(x).float().mean().backward(), opt.zero_grad(set_to_none=True)))
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    dt = (time.perf_counter() - t0) / steps
+    dt = time_steps(step, device, steps, warmup)
     return {"step_s": dt, "samples_per_s": batch / dt, "flops_per_step": flops}
 
 

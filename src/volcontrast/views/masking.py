@@ -38,6 +38,18 @@ from torch import Tensor
 __all__ = ["apply_mask", "block_mask", "masked_mse", "tube_mask"]
 
 
+def _check_args(batch: int, spatial_shape: Sequence[int], ratio: float) -> tuple[int, ...]:
+    """The spatial shape as ints, after checking the arguments every mask takes."""
+    shape = tuple(int(s) for s in spatial_shape)
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        raise ValueError(f"spatial_shape must be 2 or 3 positive sizes, got {tuple(spatial_shape)}")
+    if batch < 0:
+        raise ValueError(f"batch must be >= 0, got {batch}")
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
+        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    return shape
+
+
 def _pair(block: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(block, int):
         block = (block, block)
@@ -72,13 +84,7 @@ def tube_mask(
     Returns:
         bool ``(B, *spatial_shape)``, True = masked.
     """
-    shape = tuple(int(s) for s in spatial_shape)
-    if len(shape) not in (2, 3) or min(shape) < 1:
-        raise ValueError(f"spatial_shape must be 2 or 3 positive sizes, got {tuple(spatial_shape)}")
-    if batch < 0:
-        raise ValueError(f"batch must be >= 0, got {batch}")
-    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    shape = _check_args(batch, spatial_shape, ratio)
     bh, bw = _pair(block)
     if len(shape) == 3:
         if not -3 <= slice_axis <= 2:
@@ -125,13 +131,7 @@ def block_mask(
     Returns:
         bool ``(B, *spatial_shape)``, True = masked.
     """
-    shape = tuple(int(s) for s in spatial_shape)
-    if len(shape) not in (2, 3) or min(shape) < 1:
-        raise ValueError(f"spatial_shape must be 2 or 3 positive sizes, got {tuple(spatial_shape)}")
-    if batch < 0:
-        raise ValueError(f"batch must be >= 0, got {batch}")
-    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio < 1.0):
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    shape = _check_args(batch, spatial_shape, ratio)
     sizes = (int(block),) * len(shape) if isinstance(block, int) else tuple(int(b) for b in block)
     if len(sizes) != len(shape) or min(sizes) < 1:
         raise ValueError(f"block must be one size or {len(shape)} sizes, each >= 1, got {block}")
