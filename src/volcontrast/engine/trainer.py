@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from volcontrast import dist
 from volcontrast.engine.run import CSVLog, RunDir, load_module_state, load_trainer_state, load_weights
+from volcontrast.errors import InputError
 from volcontrast.nets.base import deduplicated_state_dict
 from volcontrast.utils.threads import worker_init
 
@@ -238,6 +239,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
     acc = {"loss": 0.0, "n": 0, "data": 0.0, "total": 0.0, "samples": 0}
     logs_acc: dict[str, float] = {}
     monitors = task.monitors() if hasattr(task, "monitors") else []
+    last_saved = start  # the step of the newest checkpoint (0: none yet)
     last_loss = float("nan")
     total_samples, total_time, total_data = 0, 0.0, 0.0
     it = iter(loader)
@@ -309,6 +311,12 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                 if on_log is not None:
                     on_log(row)
                 progress.update(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{row['samples_per_s']:.1f}")
+                if not math.isfinite(row["loss"]):  # diverged: stop now (the row is logged), keep the last checkpoint
+                    kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved
+                            else "no checkpoint was written")
+                    raise InputError(run.root, f"training diverged: the loss is NaN or infinite at step {done}; "
+                                               f"{kept}; lower the learning rate (or set optim.grad_clip) and start "
+                                               "again")
                 acc = {"loss": 0.0, "n": 0, "data": 0.0, "total": 0.0, "samples": 0}
                 logs_acc = {}
             progress.update(completed=done)
@@ -319,6 +327,7 @@ def fit(task: TrainTask, dataset: torch.utils.data.Dataset, run: RunDir, s: Loop
                         state["module_state"] = deduplicated_state_dict(module)
                     keep = s.keep_every > 0 and done % s.keep_every == 0
                     run.save(export, task.model_json(), state, done, keep, final=done == s.steps)
+                last_saved = done
                 dist.barrier()
     finally:
         progress.close()
