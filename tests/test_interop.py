@@ -483,3 +483,25 @@ def test_pretrain_plans_flag_builds_exactly_the_plans_network(phantom_cache, tmp
     expected = backbone_from_nnunet_plans(plans, in_channels=1, num_classes=2).arch_config()
     assert json.loads((run / "model.json").read_text())["architecture"] == expected
     export_nnunet(run, plans, tmp_path / "w.pth")  # and it exports against the same plans
+
+
+def test_pretrain_plans_without_crop_takes_the_plans_patch_size(phantom_cache, tmp_path, capsys):
+    import yaml
+
+    data = _plans()
+    data["configurations"]["3d_fullres"]["patch_size"] = [12, 16, 16]  # total stride (4, 8, 8); cases ~(22, 20, 19)
+    plans = _write(tmp_path / "nnUNetPlans.json", data)
+    run = tmp_path / "run"
+    assert _cli(["pretrain", phantom_cache, "--plans", plans, "--preset", "cpu-tiny", "--steps", "1",
+                 "--workers", "0", "--out", run, "--quiet"]) == 0  # cpu-tiny's own crop is 24^3
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["crop_size"] == [12, 16, 16]
+    assert f"crop 12 x 16 x 16: patch_size of 3d_fullres in {plans}" in capsys.readouterr().err
+    # a crop given in the YAML (or with --crop) wins over the plans
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  crop_size: [16, 16, 16]\n")
+    for args in (["--config", config], ["--crop", 16, "--crop", 16, "--crop", 16]):
+        out = tmp_path / f"run{len(args)}"
+        assert _cli(["pretrain", phantom_cache, "--plans", plans, "--preset", "cpu-tiny", "--steps", "1", *args,
+                     "--workers", "0", "--out", out, "--quiet"]) == 0
+        assert yaml.safe_load((out / "config.yaml").read_text())["data"]["crop_size"] == [16, 16, 16]
+        assert "patch_size of" not in capsys.readouterr().err

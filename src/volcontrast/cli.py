@@ -181,7 +181,18 @@ def pretrain(
             overrides.setdefault(section, {})["provider"] = provider
     cfg = None
     if not resume:
-        cfg = resolve_pretrain_config(preset, load_yaml(config) if config else None, overrides)
+        yaml_data = load_yaml(config) if config else None
+        cfg = resolve_pretrain_config(preset, yaml_data, overrides)
+        yaml_crop = isinstance(yaml_data, dict) and (yaml_data.get("data") or {}).get("crop_size") is not None
+        if cfg.model.plans and not crop and not yaml_crop:  # no crop given: the plans' patch size
+            from volcontrast.engine.interop import plans_patch_size
+
+            patch = plans_patch_size(cfg.model.plans, cfg.model.plans_configuration)
+            if patch:
+                overrides["data"]["crop_size"] = patch
+                cfg = resolve_pretrain_config(preset, yaml_data, overrides)
+                _echo(f"crop {' x '.join(map(str, patch))}: patch_size of {cfg.model.plans_configuration} in "
+                      f"{cfg.model.plans}")
     result = run_pretrain(cache, out, cfg, resume=resume, steps=steps, progress=not quiet)
     _echo(f"pretrained {result.steps} steps in {result.seconds:.1f} s ({result.samples_per_s:.1f} samples/s, "
           f"data wait {100 * result.data_wait:.1f}%), final loss {result.last_loss:.4f} -> {out}")
@@ -194,7 +205,8 @@ def pretrain(
 def finetune(
     cache: Path = typer.Argument(..., help="Cache folder (labelled cases are split into folds)."),
     out: Path = typer.Option(..., "--out", help="Run folder to create (or continue with --resume)."),
-    init: str | None = typer.Option(None, "--init", help="A pretraining run folder, or 'scratch' (default)."),
+    init: str | None = typer.Option(None, "--init", help="A pretraining run folder, an nnU-Net v2 or nnssl "
+                                    "checkpoint file (.pth), a MONAI bundle folder, or 'scratch' (default)."),
     labeled: int | None = typer.Option(None, "--labeled", min=0, help="Labelled training volumes (0 = all)."),
     val: int | None = typer.Option(None, "--val", min=0,
                                    help="Labelled validation volumes for checkpoint choice (default 0: last weights); "

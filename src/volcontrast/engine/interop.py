@@ -268,3 +268,29 @@ def build_from_external(init: str | os.PathLike, model_config: Any, *, dim: int,
                              f"unexpected {result.unexpected_keys[:3]}")
     parts = f"{len(report.loaded)} encoder tensors" + (", decoder" if load == "all" else "")
     return net, f"{what} {path} ({parts})"
+
+
+def plans_patch_size(plans: str | os.PathLike, configuration: str = "3d_fullres") -> list[int] | None:
+    """The ``patch_size`` of an nnU-Net v2 plans configuration (``inherits_from`` followed), in the plans' axis
+    order (the order of the network built from them); None when the configuration names none.
+
+    Raises:
+        InputError: unreadable plans, unknown configuration, or a patch size that is not positive integers.
+    """
+    import json
+
+    from volcontrast.nets.plans import _configuration
+
+    try:
+        data = json.loads(Path(plans).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(plans, f"cannot read plans: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(plans, "is not a plans object")
+    patch = _configuration(data, configuration, str(plans)).get("patch_size")
+    if patch is None:
+        return None
+    if not isinstance(patch, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in patch):
+        raise InputError(plans, f"configuration {configuration!r}: patch_size must be positive integers, got {patch}")
+    return [int(v) for v in patch]
