@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from volcontrast.bench.benchmark import parse_method
 from volcontrast.bench.demo import DEMO_COHORT, demo_config, user_cache_dir
 from volcontrast.engine.config import resolve_pretrain_config
@@ -36,3 +38,12 @@ def test_demo_says_how_many_scratch_runs_converged():
     text = convergence_sentence(rows)
     assert "in 1 of 2 runs" in text and "speed, not a better model" in text
     assert "speed" not in convergence_sentence(rows[:1]) and "in 1 of 1 runs" in convergence_sentence(rows[:1])
+
+
+def test_demo_caveat_points_to_the_converged_study():
+    from volcontrast.bench.demo import DEMO_CAVEAT
+
+    assert DEMO_CAVEAT.startswith("Read these verdicts as speed, not as a better model")
+    assert "300 steps" in DEMO_CAVEAT and "found no gain" in DEMO_CAVEAT
+    results = (Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md").read_text(encoding="utf-8")
+    assert "## The few-label study" in results  # the section the caveat names exists
