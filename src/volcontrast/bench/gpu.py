@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from volcontrast.bench.machine import machine_description
+from volcontrast.bench.speed import time_steps
 from volcontrast.errors import InputError
 from volcontrast.utils.threads import available_cpus
 
@@ -44,14 +45,10 @@ TARGET_DATA_WAIT = 0.05
 
 
 def registered_methods() -> list[str]:
-    """Every pretraining method: the registry when it exists, else the ``METHODS`` table."""
-    try:
-        from volcontrast.methods.registry import list_methods
-    except ImportError:
-        from volcontrast.methods import METHODS
+    """Every registered pretraining method, in registry order."""
+    from volcontrast.methods.registry import list_methods
 
-        return list(METHODS)
-    return list(list_methods())
+    return list_methods()
 
 
 def _settings(smoke: bool) -> dict[str, Any]:
@@ -137,12 +134,6 @@ def cuda_path_checks(device: torch.device, *, smoke: bool) -> list[dict[str, Any
             _check("GPU-side augmentation", augmentation)]
 
 
-def _time_step(step, device: torch.device, steps: int, warmup: int) -> float:
-    from volcontrast.bench.speed import time_steps
-
-    return time_steps(step, device, steps, warmup)
-
-
 def plain_unet_reference(backbone_preset: str, batch: int, crop: tuple[int, ...], device: torch.device, *,
                          compile: bool, steps: int, warmup: int) -> dict[str, Any]:
     """Bare fwd+bwd+AdamW step of our PlainConvUNet backbone (encoder, decoder, segmentation head)."""
@@ -166,7 +157,7 @@ def plain_unet_reference(backbone_preset: str, batch: int, crop: tuple[int, ...]
         opt.zero_grad(set_to_none=True)
 
     flops = step_flops(lambda: (forward(x).float().mean().backward(), opt.zero_grad(set_to_none=True)))
-    dt = _time_step(step, device, steps, warmup)
+    dt = time_steps(step, device, steps, warmup)
     return {"step_s": dt, "samples_per_s": batch / dt, "flops_per_step": flops, "arch": net.arch_config()}
 
 
@@ -208,7 +199,7 @@ def finetune_overhead(backbone_preset: str, batch: int, crop: tuple[int, ...], d
 
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        dt = _time_step(step, device, steps, warmup)
+        dt = time_steps(step, device, steps, warmup)
         row = {"variant": variant, "step_s": dt, "samples_per_s": batch / dt,
                "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
         if variant == "base":

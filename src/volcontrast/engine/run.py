@@ -90,12 +90,7 @@ def _write_step_folder(final: Path, model: torch.nn.Module, model_json: dict[str
         os.chmod(tmp, 0o777 & ~umask())
         files = _write_checkpoint_files(tmp, model, model_json, trainer_state)
         record = {"step": model_json.get("step"), **extra, "files": files}
-        with open(tmp / CHECKPOINT_JSON, "w", encoding="utf-8") as f:
-            import json
-
-            f.write(json.dumps(record, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_json(tmp / CHECKPOINT_JSON, record)
         if final.exists():
             remove_quietly(final)
         os.replace(tmp, final)

@@ -63,6 +63,12 @@ class MAEConfig:
     collapse_spread: float = 0.01  # monitor: warn when pred_spread stays at or below this (0 = off)
 
 
+def _masked_var(x: Tensor, w: Tensor, n: Tensor) -> Tensor:
+    """Unbiased variance of ``x`` over the voxels where ``w`` is 1 (``n`` of them; 0 when ``n < 2``)."""
+    mean = (x * w).sum() / n.clamp_min(1)
+    return ((x - mean) ** 2 * w).sum() / (n - 1).clamp_min(1)
+
+
 class MAE(PretrainMethod):
     """Masked block reconstruction on any backbone with a decoder (U-Nets, SwinUNETR)."""
 
@@ -135,13 +141,12 @@ class MAE(PretrainMethod):
         views, mask = batch["views"], batch["mask"]
         pred = self.reconstruct(batch["masked"], mask)
         loss = masked_mse(pred, views, mask, masked_only=m.masked_only)
-        with torch.no_grad():
-            target = views.float()
-            sel = mask.unsqueeze(1).expand_as(target)
-            t_masked, p_masked = target[sel], pred.detach().float()[sel]
-            var = t_masked.var() if t_masked.numel() > 1 else target.new_ones(())
-            ratio = masked_mse(pred.detach(), views, mask, masked_only=True) / var.clamp_min(1e-8)
-            spread = (p_masked.std() if p_masked.numel() > 1 else target.new_zeros(())) / var.clamp_min(1e-8).sqrt()
+        with torch.no_grad():  # masked sums, no boolean indexing: no host sync per step on a GPU
+            w = mask.unsqueeze(1).expand_as(views).float()
+            n = w.sum()
+            var_t, var_p = _masked_var(views.float(), w, n), _masked_var(pred.detach().float(), w, n)
+            ratio = masked_mse(pred.detach(), views, mask, masked_only=True) / var_t.clamp_min(1e-8)
+            spread = var_p.sqrt() / var_t.clamp_min(1e-8).sqrt()
         return loss, {"loss_rec": loss.detach(), "masked_fraction": mask.float().mean(), "rec_ratio": ratio,
                       "pred_spread": spread}
 

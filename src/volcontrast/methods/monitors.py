@@ -13,18 +13,20 @@ row. A monitor counts consecutive logged rows that look collapsed and, after ``p
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
 
 
 @dataclass
-class Monitor:
+class Monitor(abc.ABC):
     """Base: counts consecutive collapsed rows; ``update`` returns (flag, message the first time it trips)."""
 
     count: int = field(default=0, init=False)
 
-    def collapsed(self, row: dict[str, float]) -> str | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def collapsed(self, row: dict[str, float]) -> str | None:
+        """What is collapsed about this logged row (one sentence), or None."""
 
     def update(self, row: dict[str, float], judged: bool, patience: int) -> tuple[bool, str | None]:
         what = self.collapsed(row) if judged else None

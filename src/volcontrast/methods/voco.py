@@ -126,8 +126,8 @@ def voco_loss(logits: Tensor, labels: Tensor, bases: Tensor) -> tuple[Tensor, Te
     b = F.normalize(bases.float(), dim=-1)
     cos = torch.einsum("rkd,rjd->rkj", b, b.detach())  # (R, K, K): cos(b_i, sg(b_j))
     k = bases.shape[1]
-    upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=bases.device), diagonal=1)
-    reg = (F.relu(cos[:, upper]) ** 2).mean(1) if k > 1 else cos.new_zeros(cos.shape[0])
+    upper = torch.ones(k, k, device=bases.device).triu(diagonal=1)  # pairs i < j, as a weight (no indexing)
+    reg = (F.relu(cos) ** 2 * upper).sum((1, 2)) / max(k * (k - 1) // 2, 1)
     return pos.mean(), neg.mean(), reg.mean()
 
 
@@ -247,8 +247,7 @@ class VoCo(PretrainMethod):
         with torch.no_grad():
             b = F.normalize(bases.float(), dim=-1)
             cos = torch.einsum("rkd,rjd->rkj", b, b)
-            off = ~torch.eye(k, dtype=torch.bool, device=cos.device)
-            base_cosine = cos[:, off].mean()
+            base_cosine = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(1)).mean() / (k * (k - 1))
             label_error = (logits - labels).abs().mean()
         return loss, {"loss_pos": pos.detach(), "loss_neg": neg.detach(), "loss_reg": reg.detach(),
                       "base_cosine": base_cosine, "label_error": label_error}
