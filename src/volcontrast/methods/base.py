@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -86,6 +87,17 @@ class PretrainMethod(nn.Module, abc.ABC):
             get_provider(name, cache).fit(self.table.ids)
         dist.barrier()
         return get_provider(name, cache)
+
+    def per_case(self, fn, case_index: Tensor, points: Tensor) -> Tensor:
+        """``fn(case_id, points)`` (a provider's ``to_reference`` / ``normalised``) applied to the (N, ..., 3)
+        cached voxel ``points`` of the cases ``case_index`` (N,), one call per case; float64 on the CPU."""
+        out = np.empty(tuple(points.shape), dtype=np.float64)
+        pts = points.detach().cpu().double().numpy()
+        idx = case_index.cpu().numpy()
+        for ci in np.unique(idx):
+            rows = idx == ci
+            out[rows] = fn(self.table.ids[int(ci)], pts[rows])
+        return torch.from_numpy(out)
 
     def after_step(self, step: int) -> None:
         """Hook after the optimiser step (momentum encoders, queues). Default: nothing."""

@@ -22,7 +22,6 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,13 +94,7 @@ class ContrastiveMethod(PretrainMethod):
         c = self.config.contrast
         if self._provider is None:
             return geometry.positions(c.position, c.axes)
-        centres = geometry.cached_centre.numpy()
-        idx = geometry.case_index.numpy()
-        out = np.empty_like(centres)
-        for ci in np.unique(idx):
-            rows = idx == ci
-            out[rows] = self._provider.normalised(self.table.ids[int(ci)], centres[rows])
-        p = torch.from_numpy(out)
+        p = self.per_case(self._provider.normalised, geometry.case_index, geometry.cached_centre)
         return p[:, 2] if c.axes == "z" else p
 
     def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:

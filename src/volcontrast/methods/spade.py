@@ -35,7 +35,6 @@ import copy
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -182,13 +181,7 @@ class Spade(PretrainMethod):
     # ------------------------------------------------------------------------------- correspondence
     def to_reference(self, case_index: Tensor, cached: Tensor) -> Tensor:
         """(N, ..., 3) cached voxel coordinates of the cases ``case_index`` (N,) -> reference coordinates."""
-        out = np.empty(tuple(cached.shape), dtype=np.float64)
-        pts = cached.detach().cpu().double().numpy()
-        idx = case_index.cpu().numpy()
-        for ci in np.unique(idx):
-            rows = idx == ci
-            out[rows] = self._provider.to_reference(self.table.ids[int(ci)], pts[rows])
-        return torch.from_numpy(out).float()
+        return self.per_case(self._provider.to_reference, case_index, cached).float()
 
     # ----------------------------------------------------------------------------------------- views
     def prepare(self, raw: dict[str, Any], step: int, gen: torch.Generator, device: torch.device) -> dict[str, Any]:
