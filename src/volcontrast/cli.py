@@ -119,13 +119,23 @@ def prepare(
 # --------------------------------------------------------------------------------------------- pretrain
 
 
+def _help_requested() -> bool:
+    return any(a in ("--help", "-h") for a in sys.argv[1:])
+
+
 def _methods_help() -> str:
+    """The registered methods, listed only when help is asked for: importing every method (and the networks
+    behind them) costs seconds that no other command line should pay."""
+    if not _help_requested():
+        return "a registered method"
     from volcontrast.methods.registry import list_methods
 
     return " | ".join(list_methods())
 
 
 def _presets_help() -> str:
+    if not _help_requested():
+        return "a pretraining preset"
     from volcontrast.engine.config import pretrain_presets
 
     return " | ".join(pretrain_presets())
