@@ -225,6 +225,32 @@ def test_cli_scratch_lr_sweep_uses_development_cases_and_is_recorded(phantom_cac
     assert f"Scratch learning rate {sweep['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
 
 
+def test_lr_sweep_for_every_method_gives_each_its_own_recorded_lr(phantom_cache, tmp_path):
+    pre_cfg = {"data": {"crop_size": [16, 16, 16]}, "probe_crops": 0}
+    cfg = BenchmarkConfig(methods=["scratch", "simclr"], labeled=[1], folds=2, run_folds=[1], seeds=[0],
+                          pretrain_preset="cpu-tiny", pretrain_steps=2, pretrain=pre_cfg,
+                          finetune_preset="cpu-tiny", finetune_steps=2, eval_at=[1.0], lr_sweep=[1e-3, 1e-2],
+                          lr_sweep_methods=["all"], finetune={"data": {"crop_size": [16, 16, 16]}, "log_every": 1})
+    out = tmp_path / "bench"
+    rows = read_results(run_benchmark(phantom_cache, out, cfg, **QUIET))
+    split = kfold_splits(open_cache(phantom_cache).labelled_ids, 2, seed=0)[1]
+    scratch = json.loads((out / "lr_sweep.json").read_text())
+    simclr = json.loads((out / "lr_sweep_simclr.json").read_text())
+    assert simclr["method"] == "simclr"
+    assert {simclr["init"]} == {r["pretrain_run"] for r in rows if r["method"] == "simclr"}  # its own pretraining
+    assert simclr["cases"] == scratch["cases"] == split.val  # the same development cases, never the test fold
+    assert sorted(p.name for p in (out / "runs" / "lr_sweep").iterdir()) == [
+        "scratch_lr0.001_M1", "scratch_lr0.01_M1", "simclr_lr0.001_M1", "simclr_lr0.01_M1"]
+    assert {r["lr"] for r in rows if r["method"] == "scratch"} == {scratch["chosen"]}
+    assert {r["lr"] for r in rows if r["method"] == "simclr"} == {simclr["chosen"]}
+    report = (out / "results.md").read_text()
+    assert f"simclr learning rate {simclr['chosen']:.2g}, chosen by a sweep" in report
+    # a rerun reuses both records: no sweep run is started again
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")}
+    run_benchmark(phantom_cache, out, cfg, **QUIET)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")} == stamp
+
+
 # ------------------------------------------------------------------------------------------------ frozen probe
 
 
@@ -263,3 +289,46 @@ def test_a_crop_larger_than_a_case_stops_the_benchmark_before_any_run(phantom_ca
     with pytest.raises(InputError, match="smaller than the requested crop"):
         run_benchmark(phantom_cache, tmp_path / "b", cfg, **QUIET)
     assert not (tmp_path / "b" / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------ benchmark presets
+
+
+def test_every_benchmark_preset_is_a_valid_config_with_registered_methods():
+    from volcontrast.bench.benchmark import benchmark_presets, load_benchmark_preset, parse_method
+    from volcontrast.config import from_dict
+
+    names = benchmark_presets()
+    assert {"cpu-study", "cpu-study-ct", "cpu-protocol", "gpu-study"} <= set(names)
+    for name in names:
+        cfg = from_dict(BenchmarkConfig, load_benchmark_preset(name), where=name)  # unknown fields raise
+        assert cfg.methods[0] == "scratch" and all(parse_method(m, cfg.dim) for m in cfg.methods)
+        assert cfg.val == 0 and min(cfg.labeled) >= 1 and len(cfg.seeds) >= 2 and cfg.folds >= 3  # the protocol
+    assert load_benchmark_preset("gpu-study")["lr_sweep_methods"] == ["all"]
+    assert load_benchmark_preset("cpu-study")["lr_sweep_methods"] == ["all"]
+
+
+def test_cli_preset_with_config_and_option_overrides_and_unknown_preset(phantom_cache, tmp_path, capsys):
+    from volcontrast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", str(phantom_cache), "--out", str(tmp_path / "x"), "--preset", "nope"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --preset: unknown benchmark preset 'nope'; choose one of cpu-protocol, cpu-study, cpu-study-ct, "
+        "gpu-study"]
+    # the preset's fields, then --config's, then the options: a 2-step scratch run on the phantom cache
+    (tmp_path / "b.yaml").write_text("finetune:\n  data:\n    crop_size: [16, 16, 16]\n  log_every: 1\n"
+                                     "finetune_preset: cpu-tiny\nlr_sweep: []\n")
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", str(phantom_cache), "--out", str(out), "--preset", "cpu-study", "--config",
+              str(tmp_path / "b.yaml"), "--methods", "scratch", "--folds", "2", "--run-folds", "1", "--seeds", "4",
+              "--finetune-steps", "2", "--quiet"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    recorded = json.loads((out / "benchmark.json").read_text())
+    assert recorded["eval_at"] == [0.1, 0.3, 1.0] and recorded["transductive"] is True  # from the preset
+    assert recorded["finetune"]["optim"] == {"lr": 0.003}  # the preset's finetune block, merged with --config's
+    assert recorded["finetune"]["data"]["crop_size"] == [16, 16, 16] and recorded["finetune_preset"] == "cpu-tiny"
+    assert recorded["seeds"] == [4] and recorded["finetune_steps"] == 2 and recorded["methods"] == ["scratch"]
+    assert {r["seed"] for r in read_results(out / "results.csv")} == {4}

@@ -378,6 +378,9 @@ def benchmark(
     lr_sweep: str | None = typer.Option(None, "--lr-sweep",
                                         help="Sweep scratch's learning rate first over these values (e.g. "
                                              "1e-3,3e-3,1e-2) on a fold's validation cases, never its test fold."),
+    lr_sweep_methods: str | None = typer.Option(None, "--lr-sweep-methods",
+                                                help="Whose learning rate the sweep chooses: scratch (default), a "
+                                                     "list (scratch,pcl) or all (the same effort for every method)."),
     scratch_lr: float | None = typer.Option(None, "--scratch-lr", help="Scratch's learning rate (skips a sweep)."),
     eval_at: str | None = typer.Option(None, "--eval-at",
                                        help="Shares of the fine-tuning steps scored on test (default 0.1,0.3,1)."),
@@ -391,17 +394,29 @@ def benchmark(
     pretrain_preset: str | None = typer.Option(None, "--pretrain-preset"),
     finetune_preset: str | None = typer.Option(None, "--finetune-preset"),
     transductive: bool = typer.Option(False, "--transductive", help="Pretrain on every image, test fold included."),
+    preset: str | None = typer.Option(None, "--preset",
+                                      help="A packaged study: cpu-study (MR, ~90 min on 2 cores), cpu-study-ct, "
+                                           "cpu-protocol, gpu-study; --config and options override it."),
     config: Path | None = typer.Option(None, "--config", help="YAML with BenchmarkConfig fields."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Folds x seeds x label budgets x methods, resumable -> results.csv, results.md, results.png."""
-    from volcontrast.bench.benchmark import BenchmarkConfig, config_with, run_benchmark
+    from volcontrast.bench.benchmark import (
+        BenchmarkConfig,
+        config_with,
+        load_benchmark_preset,
+        merge_dicts,
+        run_benchmark,
+    )
     from volcontrast.config import from_dict, load_yaml
 
     base = BenchmarkConfig()
+    fields = load_benchmark_preset(preset) if preset else {}
+    if preset:
+        base = from_dict(BenchmarkConfig, fields, where=f"preset {preset}")
     if config:
         try:
-            base = from_dict(BenchmarkConfig, load_yaml(config), where=str(config))
+            base = from_dict(BenchmarkConfig, merge_dicts(fields, load_yaml(config)), where=str(config))
         except ValueError as exc:
             raise InputError(config, str(exc)) from None
     over = {
@@ -412,6 +427,8 @@ def benchmark(
         "transductive": transductive or None, "val": val, "scratch_lr": scratch_lr,
         "lr_sweep": _float_list(lr_sweep, "--lr-sweep"), "eval_at": _float_list(eval_at, "--eval-at"),
         "eval": eval_mode,
+        "lr_sweep_methods": [m.strip() for m in lr_sweep_methods.split(",") if m.strip()] if lr_sweep_methods
+        else None,
     }
     try:
         cfg = config_with(base, over)

@@ -58,6 +58,9 @@ class BenchmarkConfig:
     eval_at: list[float] = field(default_factory=lambda: [0.1, 0.3, 1.0])  # shares of the steps scored on test
     scratch_lr: float = 0.0  # scratch's own learning rate (0 = the fine-tuning config's optim.lr)
     lr_sweep: list[float] = field(default_factory=list)  # candidates: sweep scratch's lr first (dev cases)
+    # whose fine-tuning lr the sweep chooses: scratch only (default), named methods ("pcl", "simclr+pdcr"), or
+    # ["all"] — every method gets the same candidates and development cases (equal tuning effort)
+    lr_sweep_methods: list[str] = field(default_factory=lambda: ["scratch"])
     sweep_labeled: list[int] = field(default_factory=list)  # budgets the sweep fine-tunes with (empty = labeled)
     converge_tol: float = CONVERGE_TOL  # training Dice flat within this over the last 20% of the steps
     eval: str = "finetune"  # finetune | frozen (every method as ``+frozen``: encoder fixed, decoder trained)
@@ -77,6 +80,25 @@ class BenchmarkConfig:
     # extra pretraining overrides per method, e.g. {"alice": {"steps": 500, "alice": {"mask_block": [4, 4]}}}
     pretrain_by_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     finetune_2d: dict[str, Any] = field(default_factory=dict)  # extra overrides for @2d fine-tuning
+
+
+PRESET_DIR = Path(__file__).with_name("presets")  # benchmark presets: YAML files of BenchmarkConfig fields
+
+
+def benchmark_presets() -> list[str]:
+    """Names of the packaged benchmark presets (``volcontrast benchmark --preset NAME``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_benchmark_preset(name: str) -> dict[str, Any]:
+    """The fields of a packaged benchmark preset (its YAML, comments say how it was sized and how to run it)."""
+    from volcontrast.config import load_yaml
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise InputError("--preset", f"unknown benchmark preset {name!r}; choose one of "
+                                     f"{', '.join(benchmark_presets())}")
+    return load_yaml(path)
 
 
 FINETUNE_VARIANTS = ("pdcr", "uafs", "frozen")  # frozen: the frozen-encoder probe (decoder trained only)
@@ -123,7 +145,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
             if name != "scratch":
                 crop = tuple(_pretrain_config(config, name, dim, config.seeds[0], pool).data.crop_size)
                 cache.check_min_size(crop, pool)
-    if config.lr_sweep and not config.scratch_lr:
+    if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
         config = merge(config, {"scratch_lr": sweep_scratch_lr(cache, out, config, progress=progress, log=log)})
     atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
     results = out / "results.csv"
@@ -140,17 +162,27 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                 if not todo:
                     continue
                 init = "scratch"
+                method_lr = None
                 if name != "scratch":
                     # one pretraining run per (method, seed, pool): folds with the same pool (transductive) share it
-                    pre_dir = out / "runs" / "pretrain" / f"{base}_seed{seed}_pool{stable_hash(pool)[:8]}"
-                    init = str(_pretrain_cell(cache, pre_dir, config, name, dim, seed, pool, progress, log))
+                    init = str(_pretrain_cell(cache, _pretrain_dir(out, base, seed, pool), config, name, dim, seed,
+                                              pool, progress, log))
+                    if config.lr_sweep and _swept(config, label):
+                        # chosen once, on the sweep fold with the first seed's pretraining (as scratch's is)
+                        sweep_fold = folds[0]
+                        sweep_pool = pretraining_pool(splits[sweep_fold], cache.ids, config.transductive)
+                        sweep_init = str(_pretrain_cell(cache, _pretrain_dir(out, base, config.seeds[0], sweep_pool),
+                                                        config, name, dim, config.seeds[0], sweep_pool, progress,
+                                                        log))
+                        method_lr = sweep_scratch_lr(cache, out, config, progress=progress, log=log, label=label,
+                                                     init=sweep_init, dim=dim, variants=variants)
                 for budget in todo:
                     t0 = time.perf_counter()
                     m_total = budget + config.val
                     run = cell_dir / (f"finetune_{label}_M{m_total}" + (f"v{config.val}" if config.val else ""))
                     if run.exists():
                         shutil.rmtree(run)  # an unfinished cell: start it again
-                    ft_cfg = _finetune_config(config, init, budget, fold, seed, dim, variants)
+                    ft_cfg = _finetune_config(config, init, budget, fold, seed, dim, variants, lr=method_lr)
                     log(f"[fold {fold} seed {seed}] fine-tune {label} with M={m_total} labelled volume(s)"
                         + (f" ({config.val} for validation)" if config.val else ""))
                     finetune(cache, run, ft_cfg, progress=progress)
@@ -166,6 +198,15 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     if results.exists():
         write_report(results, out)
     return results
+
+
+def _pretrain_dir(out: Path, base: str, seed: int, pool: list[str]) -> Path:
+    return out / "runs" / "pretrain" / f"{base}_seed{seed}_pool{stable_hash(pool)[:8]}"
+
+
+def _swept(config: BenchmarkConfig, label: str) -> bool:
+    """Whether the sweep chooses ``label``'s fine-tuning learning rate (``lr_sweep_methods``)."""
+    return "all" in config.lr_sweep_methods or label in config.lr_sweep_methods
 
 
 def _nanmean(values: list[float]) -> float:
@@ -201,7 +242,9 @@ def _finetune_config(config: BenchmarkConfig, init: str, budget: int, fold: int,
                  **{("freeze_encoder" if v == "frozen" else v): True for v in variants}})
     if config.finetune_steps:
         over["steps"] = config.finetune_steps
-    if lr is not None:
+    if lr is not None and init != "scratch":
+        over["optim"] = {**over.get("optim", {}), "lr": lr}  # a swept pretrained method: its own base lr
+    elif lr is not None:
         over["scratch_lr"] = lr
     elif config.scratch_lr:
         over["scratch_lr"] = config.scratch_lr
@@ -255,30 +298,34 @@ def _score_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label:
 
 
 def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool = False,
-                     log=print) -> float:
-    """Choose scratch's learning rate among ``config.lr_sweep`` on development cases, never a test fold.
+                     log=print, label: str = "scratch", init: str = "scratch", dim: int | None = None,
+                     variants: tuple[str, ...] = ()) -> float:
+    """Choose a method's fine-tuning learning rate among ``config.lr_sweep`` on development cases, never a test fold.
 
-    Scratch is fine-tuned with every candidate at every budget of ``config.sweep_labeled`` (default: ``labeled``)
-    on the first run fold and
-    seed (the same recipe and steps as the benchmark), and scored (last weights) on that fold's validation cases,
-    which are never trained on; the candidate with the highest mean Dice wins (ties: the smaller lr). The record
-    goes to ``OUT/lr_sweep.json`` (reused when it lists the same candidates) and into ``results.md``.
+    The method (scratch by default; a pretrained ``label`` starts from ``init``) is fine-tuned with every candidate
+    at every budget of ``config.sweep_labeled`` (default: ``labeled``) on the first run fold and seed (the same
+    recipe and steps as the benchmark), and scored (last weights) on that fold's validation cases, which are never
+    trained on; the candidate with the highest mean Dice wins (ties: the smaller lr). The record goes to
+    ``OUT/lr_sweep.json`` for scratch, ``OUT/lr_sweep_<label>.json`` for another method (reused when it lists the
+    same candidates, budgets and steps) and into ``results.md``.
     """
-    record = out / "lr_sweep.json"
+    dim = config.dim if dim is None else dim
+    record = out / ("lr_sweep.json" if label == "scratch" else f"lr_sweep_{label.replace('@', '_')}.json")
     lrs = sorted(float(x) for x in config.lr_sweep)
     if any(x <= 0 for x in lrs):
         raise InputError("--lr-sweep", f"learning rates must be > 0, got {config.lr_sweep}")
     fold = (config.run_folds or [0])[0]
     seed = config.seeds[0]
-    probe = _finetune_config(config, "scratch", 0, fold, seed, config.dim)
+    probe = _finetune_config(config, init, 0, fold, seed, dim, variants)
     budgets = list(config.sweep_labeled or config.labeled)
     if record.is_file():
         old = read_json(record)
         # reused only for the same candidates, budgets and fine-tuning length (a longer schedule may move the
         # best learning rate)
         if (sorted(float(x) for x in old["lrs"]) == lrs and old.get("steps") == probe.steps
+                and old.get("init", init) == init
                 and old.get("budgets", budgets) == budgets):
-            log(f"scratch learning rate {old['chosen']:.2g} from {record}")
+            log(f"{label} learning rate {old['chosen']:.2g} from {record}")
             return float(old["chosen"])
     split = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
                          val_fraction=probe.val_fraction)[fold]
@@ -291,20 +338,20 @@ def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progre
     for lr in lrs:
         dice = []
         for budget in budgets:
-            run = out / "runs" / "lr_sweep" / f"scratch_lr{lr:g}_M{budget}"
+            run = out / "runs" / "lr_sweep" / f"{label}_lr{lr:g}_M{budget}"
             if run.exists():
                 shutil.rmtree(run)
-            cfg = _finetune_config(sweep_cfg, "scratch", budget, fold, seed, config.dim, lr=lr)
+            cfg = _finetune_config(sweep_cfg, init, budget, fold, seed, dim, variants, lr=lr)
             steps = cfg.steps
-            log(f"[lr sweep] scratch lr {lr:g}, M={budget}, scored on fold {fold}'s {len(dev)} validation cases")
+            log(f"[lr sweep] {label} lr {lr:g}, M={budget}, scored on fold {fold}'s {len(dev)} validation cases")
             finetune(cache, run, cfg, progress=progress)
             dice.append(evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"])
         scores.append(_nanmean(dice))
     best = max(range(len(lrs)), key=lambda i: (scores[i] if not math.isnan(scores[i]) else -1.0, -lrs[i]))
     atomic_write_json(record, {"lrs": lrs, "dice": scores, "chosen": lrs[best], "budgets": budgets,
                                "where": f"fold {fold} validation cases, seed {seed}", "fold": fold, "cases": dev,
-                               "steps": steps})
-    log(f"[lr sweep] scratch learning rate {lrs[best]:g} (mean development Dice {scores[best]:.4f})")
+                               "steps": steps, "method": label, "init": init})
+    log(f"[lr sweep] {label} learning rate {lrs[best]:g} (mean development Dice {scores[best]:.4f})")
     return lrs[best]
 
 

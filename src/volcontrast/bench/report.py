@@ -548,12 +548,16 @@ def _pool_line(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def _sweep_line(out: Path) -> str:
     p = out / "lr_sweep.json"
+    lines = []
     if not p.is_file():
-        return "Scratch learning rate: the fine-tuning config's (no sweep recorded here)."
-    s = read_json(p)
-    tried = ", ".join(f"{float(lr):.2g} → {float(d):.3f}" for lr, d in zip(s["lrs"], s["dice"]))
-    return (f"Scratch learning rate {float(s['chosen']):.2g}, chosen by a sweep on development cases "
-            f"({s['where']}; never a test fold): mean Dice per learning rate {tried}.")
+        lines.append("Scratch learning rate: the fine-tuning config's (no sweep recorded here).")
+    for q in ([p] if p.is_file() else []) + sorted(out.glob("lr_sweep_*.json")):
+        s = read_json(q)
+        tried = ", ".join(f"{float(lr):.2g} → {float(d):.3f}" for lr, d in zip(s["lrs"], s["dice"]))
+        who = "Scratch" if q == p else str(s.get("method", q.stem[len("lr_sweep_"):]))
+        lines.append(f"{who} learning rate {float(s['chosen']):.2g}, chosen by a sweep on development cases "
+                     f"({s['where']}; never a test fold): mean Dice per learning rate {tried}.")
+    return "\n\n".join(lines)
 
 
 def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, n_boot: int = BOOTSTRAP,
