@@ -317,6 +317,12 @@ def test_cli_preset_with_config_and_option_overrides_and_unknown_preset(phantom_
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --preset: unknown benchmark preset 'nope'; choose one of cpu-protocol, cpu-study, cpu-study-ct, "
         "gpu-study"]
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", str(phantom_cache), "--out", str(tmp_path / "x"), "--methods", "scratch,pcl",
+              "--lr-sweep", "1e-3,1e-2", "--lr-sweep-methods", "scratch,spade"])
+    assert exc.value.code == 2 and not (tmp_path / "x" / "runs").exists()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --lr-sweep-methods: 'spade' is not one of the benchmarked methods (scratch, pcl) or all"]
     # the preset's fields, then --config's, then the options: a 2-step scratch run on the phantom cache
     (tmp_path / "b.yaml").write_text("finetune:\n  data:\n    crop_size: [16, 16, 16]\n  log_every: 1\n"
                                      "finetune_preset: cpu-tiny\nlr_sweep: []\n")

@@ -220,6 +220,10 @@ def check_protocol(splits: list, folds: list[int], config: BenchmarkConfig) -> N
         raise InputError("--labeled", "needs label budgets >= 1")
     if config.val < 0:
         raise InputError("--val", f"validation volumes must be >= 0, got {config.val}")
+    unknown = [m for m in config.lr_sweep_methods if m != "all" and m not in config.methods]
+    if unknown:
+        raise InputError("--lr-sweep-methods", f"{unknown[0]!r} is not one of the benchmarked methods "
+                                               f"({', '.join(config.methods)}) or all")
     if not config.eval_at or any(not 0.0 < f <= 1.0 for f in config.eval_at):
         raise InputError("eval_at", f"shares of the steps must be in (0, 1], got {config.eval_at}")
     for fold in folds:
