@@ -14,8 +14,9 @@ The protocol (issue 17):
   volumes is read: fixed schedule, the last weights are scored.
 - **One recipe** (:class:`~volcontrast.engine.finetune.FinetuneConfig`): whole-network warm-up, poly decay, a
   pretrained encoder at ``encoder_lr_scale`` x the learning rate, scratch at its own ``scratch_lr`` — chosen by
-  :func:`sweep_scratch_lr` on development cases (a fold's validation cases, never its test fold) when
-  ``lr_sweep`` lists candidates; the choice goes to ``lr_sweep.json`` and ``results.md``.
+  :func:`sweep_lr` on development cases (a fold's validation cases, never its test fold) when
+  ``lr_sweep`` lists candidates; the choice goes to ``lr_sweep.json`` and ``results.md``. ``lr_sweep_methods``
+  gives pretrained methods the same sweep (each its own ``lr_sweep_<method>.json``).
 - **Dice during fine-tuning**: snapshots at ``eval_at`` shares of the steps are scored on the test fold too, and
   each run's training-Dice curve decides its ``converged`` flag.
 - **Checked up front**: every fold's budgets are checked before the first run starts.
@@ -146,10 +147,11 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                 crop = tuple(_pretrain_config(config, name, dim, config.seeds[0], pool).data.crop_size)
                 cache.check_min_size(crop, pool)
     if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
-        config = merge(config, {"scratch_lr": sweep_scratch_lr(cache, out, config, progress=progress, log=log)})
+        config = merge(config, {"scratch_lr": sweep_lr(cache, out, config, progress=progress, log=log)})
     atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
     results = out / "results.csv"
     done = finished_cells(results)
+    method_lrs: dict[str, float] = {}  # swept pretrained methods' learning rates, chosen once per benchmark
     for fold in folds:
         split = splits[fold]
         pool = pretraining_pool(split, cache.ids, config.transductive)
@@ -162,19 +164,18 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                 if not todo:
                     continue
                 init = "scratch"
-                method_lr = None
                 if name != "scratch":
                     # one pretraining run per (method, seed, pool): folds with the same pool (transductive) share it
                     init = str(_pretrain_cell(cache, _pretrain_dir(out, base, seed, pool), config, name, dim, seed,
                                               pool, progress, log))
-                    if config.lr_sweep and _swept(config, label):
+                    if config.lr_sweep and _swept(config, label) and label not in method_lrs:
                         # chosen once, on the sweep fold with the first seed's pretraining (as scratch's is)
                         sweep_fold = folds[0]
                         sweep_pool = pretraining_pool(splits[sweep_fold], cache.ids, config.transductive)
                         sweep_init = str(_pretrain_cell(cache, _pretrain_dir(out, base, config.seeds[0], sweep_pool),
                                                         config, name, dim, config.seeds[0], sweep_pool, progress,
                                                         log))
-                        method_lr = sweep_scratch_lr(cache, out, config, progress=progress, log=log, label=label,
+                        method_lrs[label] = sweep_lr(cache, out, config, progress=progress, log=log, label=label,
                                                      init=sweep_init, dim=dim, variants=variants)
                 for budget in todo:
                     t0 = time.perf_counter()
@@ -182,7 +183,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                     run = cell_dir / (f"finetune_{label}_M{m_total}" + (f"v{config.val}" if config.val else ""))
                     if run.exists():
                         shutil.rmtree(run)  # an unfinished cell: start it again
-                    ft_cfg = _finetune_config(config, init, budget, fold, seed, dim, variants, lr=method_lr)
+                    ft_cfg = _finetune_config(config, init, budget, fold, seed, dim, variants, lr=method_lrs.get(label))
                     log(f"[fold {fold} seed {seed}] fine-tune {label} with M={m_total} labelled volume(s)"
                         + (f" ({config.val} for validation)" if config.val else ""))
                     finetune(cache, run, ft_cfg, progress=progress)
@@ -301,7 +302,7 @@ def _score_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label:
     return rows
 
 
-def sweep_scratch_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool = False,
+def sweep_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool = False,
                      log=print, label: str = "scratch", init: str = "scratch", dim: int | None = None,
                      variants: tuple[str, ...] = ()) -> float:
     """Choose a method's fine-tuning learning rate among ``config.lr_sweep`` on development cases, never a test fold.

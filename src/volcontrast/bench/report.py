@@ -554,7 +554,7 @@ def _sweep_line(out: Path) -> str:
     for q in ([p] if p.is_file() else []) + sorted(out.glob("lr_sweep_*.json")):
         s = read_json(q)
         tried = ", ".join(f"{float(lr):.2g} → {float(d):.3f}" for lr, d in zip(s["lrs"], s["dice"]))
-        who = "Scratch" if q == p else str(s.get("method", q.stem[len("lr_sweep_"):]))
+        who = "Scratch" if q == p else s["method"]
         lines.append(f"{who} learning rate {float(s['chosen']):.2g}, chosen by a sweep on development cases "
                      f"({s['where']}; never a test fold): mean Dice per learning rate {tried}.")
     return "\n\n".join(lines)
