@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from volcontrast.bench.benchmark import BenchmarkConfig, run_benchmark, snapshot_steps
+from volcontrast.bench.benchmark import BenchmarkConfig, check_same_settings, run_benchmark, snapshot_steps
 from volcontrast.bench.report import (
     STANDARD_COLUMNS,
     append_results,
@@ -22,6 +22,7 @@ from volcontrast.bench.report import (
     training_converged,
     write_report,
 )
+from volcontrast.config import from_dict, merge
 from volcontrast.data.cache import open_cache
 from volcontrast.data.splits import kfold_splits, labelled_draw, validation_draw
 from volcontrast.engine import trainer as trainer_mod
@@ -223,6 +224,23 @@ def test_cli_scratch_lr_sweep_uses_development_cases_and_is_recorded(phantom_cac
     rows = read_results(out / "results.csv")
     assert {r["lr"] for r in rows} == {sweep["chosen"]}
     assert f"Scratch learning rate {sweep['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
+    # another fine-tuning length into the same folder would mix two protocols in one table: one line, exit 2
+    before = (out / "results.csv").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["benchmark", str(phantom_cache), "--out", str(out), "--methods", "scratch", "--labeled", "1",
+              "--folds", "2", "--run-folds", "1", "--finetune-preset", "cpu-tiny", "--finetune-steps", "3",
+              "--lr-sweep", "1e-3,1e-2", "--eval-at", "1", "--config", str(tmp_path / "b.yaml"), "--quiet"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (f"error: {out / 'benchmark.json'}: this folder's benchmark ran with "
+                                       "finetune_steps = 2, not 3; its finished runs would mix both settings: use a "
+                                       "new --out\n")
+    assert (out / "results.csv").read_bytes() == before
+    # more methods, seeds and budgets only add cells: accepted
+    recorded = json.loads((out / "benchmark.json").read_text())
+    more = from_dict(BenchmarkConfig, {k: v for k, v in recorded.items() if k != "cache"})
+    check_same_settings(out, merge(more, {"methods": ["scratch", "pcl"], "seeds": [0, 1], "labeled": [1, 2]}),
+                        open_cache(phantom_cache))
 
 
 def test_lr_sweep_for_every_method_gives_each_its_own_recorded_lr(phantom_cache, tmp_path):

@@ -621,3 +621,15 @@ def test_an_unknown_yaml_key_names_the_file(phantom_cache, tmp_path, capsys):
                          "--quiet"], capsys)
     assert code == 2 and err.startswith(f"error: {tmp_path / 'c.yaml'}: config: unknown key(s) ['stepz']; known:")
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("verb,augment,where,problem", [
+    ("pretrain", "{remap_prob: 1.5}", "augment.remap_prob", "must be a probability in [0, 1], got 1.5"),
+    ("finetune", "{remap_points: -1}", "augment.remap_points", "must be >= 0, got -1"),
+])
+def test_a_bad_augmentation_setting_is_one_line(phantom_cache, tmp_path, capsys, verb, augment, where, problem):
+    (tmp_path / "c.yaml").write_text(f"augment: {augment}\n")
+    code, err = run_cli([verb, phantom_cache, "--out", tmp_path / "run", "--config", tmp_path / "c.yaml", "--quiet"],
+                        capsys)
+    assert code == 2 and err == f"error: {where}: {problem}\n"
+    assert not (tmp_path / "run").exists()

@@ -123,3 +123,64 @@ def test_slice_views_geometry(phantom_cache):
     n = table.resampled_shape[g.case_index, 2].numpy()
     np.testing.assert_allclose(g.index_position[:, 2].numpy(), (z + off + 1) / n)  # paper's (i + 1) / n
     np.testing.assert_allclose(g.voxel_to_cached[:, 2, 3].numpy(), z)
+
+
+NO_OTHER_INTENSITY = {"brightness_prob": 0.0, "contrast_prob": 0.0, "gamma_prob": 0.0, "noise_prob": 0.0,
+                      "blur_prob": 0.0}
+
+
+def test_remap_curve_equals_numpy_interp_per_view():
+    from volcontrast.views.augment import apply_curves, remap_curves
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 1, 6, 7, 8, generator=gen) * 3 + 1
+    curves = remap_curves(5, AugmentConfig(remap_prob=1.0, remap_points=3), gen)
+    assert curves.shape == (5, 5)
+    y = apply_curves(x, curves)
+    for n in range(5):
+        v = x[n].double().numpy().ravel()
+        lo, hi = v.min(), v.max()
+        want = lo + np.interp((v - lo) / (hi - lo), np.linspace(0, 1, 5), curves[n].numpy()) * (hi - lo)
+        np.testing.assert_allclose(y[n].double().numpy().ravel(), want, rtol=0, atol=1e-4)
+    # the identity curve gives the input back, and a tent curve maps min and max to min, the middle to max
+    x1 = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    np.testing.assert_allclose(apply_curves(x1, torch.linspace(0, 1, 4, dtype=torch.float64)[None]), x1, atol=1e-6)
+    tent = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert apply_curves(x1, tent).tolist() == [[0.0, 2.0, 4.0, 2.0, 0.0]]
+
+
+def test_monotone_remap_keeps_the_intensity_order_and_range():
+    from volcontrast.views.augment import intensity_augment
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 5, 5, 5, generator=gen)
+    y, params = intensity_augment(x.clone(), AugmentConfig(remap_prob=1.0, remap_points=5, remap_monotone=True,
+                                                           **NO_OTHER_INTENSITY), gen)
+    assert params["remap"].shape == (8, 7)
+    for n in range(8):
+        order = torch.argsort(x[n].ravel())
+        assert bool((y[n].ravel()[order].diff() >= -1e-6).all())
+        assert y[n].min() >= x[n].min() - 1e-6 and y[n].max() <= x[n].max() + 1e-6
+
+
+def test_remap_changes_exactly_the_views_it_fires_on():
+    from volcontrast.views.augment import intensity_augment
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 1, 4, 4, 4, generator=gen)
+    y, params = intensity_augment(x.clone(), AugmentConfig(remap_prob=0.5, **NO_OTHER_INTENSITY), gen)
+    fired = (params["remap"] != torch.linspace(0, 1, 6, dtype=torch.float64)).any(dim=1)
+    assert 0 < int(fired.sum()) < 64
+    assert torch.equal(y[~fired], x[~fired])
+    assert bool(((y[fired] - x[fired]).abs().amax(dim=(1, 2, 3, 4)) > 1e-3).all())
+
+
+def test_remap_off_keeps_the_random_stream():
+    from volcontrast.views.augment import intensity_augment
+
+    x = torch.rand(6, 1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    y1, _ = intensity_augment(x.clone(), AugmentConfig(), g1)
+    y2, p2 = intensity_augment(x.clone(), AugmentConfig(remap_points=9, remap_monotone=True), g2)
+    assert torch.equal(y1, y2) and "remap" not in p2
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))

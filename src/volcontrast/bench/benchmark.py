@@ -29,6 +29,7 @@ fine-tuning variants ``+pdcr`` / ``+uafs``, and an optional ``@2d`` / ``@3d`` di
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import shutil
@@ -146,6 +147,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
             if name != "scratch":
                 crop = tuple(_pretrain_config(config, name, dim, config.seeds[0], pool).data.crop_size)
                 cache.check_min_size(crop, pool)
+    check_same_settings(out, config, cache)
     if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
         config = merge(config, {"scratch_lr": sweep_lr(cache, out, config, progress=progress, log=log)})
     atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
@@ -199,6 +201,30 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     if results.exists():
         write_report(results, out)
     return results
+
+
+# fields that only add cells to a benchmark folder (more methods, budgets, seeds, folds) or are guarded by their
+# own record (scratch_lr comes from lr_sweep.json); every other field changes what a finished cell means
+ADDITIVE_FIELDS = ("methods", "labeled", "seeds", "run_folds", "lr_sweep_methods", "scratch_lr", "sweep_labeled",
+                   "eval")
+
+
+def check_same_settings(out: Path, config: BenchmarkConfig, cache: Cache) -> None:
+    """Refuse to add cells to ``out`` when its ``benchmark.json`` was written with other settings.
+
+    Finished cells are reused by (method, budget, fold, seed) alone, so a rerun with, say, other fine-tuning steps
+    would silently put two protocols in one table.
+    """
+    path = out / "benchmark.json"
+    if not path.is_file():
+        return
+    old = read_json(path)
+    new = {**to_dict(config), "cache": str(cache.root.resolve())}
+    for key in sorted(new):
+        if key in ADDITIVE_FIELDS or key not in old or old[key] == new[key]:
+            continue
+        raise InputError(path, f"this folder's benchmark ran with {key} = {json.dumps(old[key])}, not "
+                               f"{json.dumps(new[key])}; its finished runs would mix both settings: use a new --out")
 
 
 def _pretrain_dir(out: Path, base: str, seed: int, pool: list[str]) -> Path:

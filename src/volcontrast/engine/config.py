@@ -109,6 +109,7 @@ class PretrainConfig:
         spec.cls.validate_config(self)
         if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
             self.augment.flip_axes = (0, 1)
+        self.augment.check()
         return self
 
 

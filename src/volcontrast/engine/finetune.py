@@ -118,6 +118,7 @@ class FinetuneConfig:
             raise InputError("--val", f"validation volumes must be >= 0, got {self.val}")
         if self.dim == 2 and self.augment.flip_axes == (0, 1, 2):
             self.augment.flip_axes = (0, 1)
+        self.augment.check()
         return self
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from volcontrast.errors import InputError
+
 
 @dataclass
 class AugmentConfig:
@@ -42,7 +44,20 @@ class AugmentConfig:
     noise_std: float = 0.1
     blur_prob: float = 0.2
     blur_sigma: tuple[float, float] = (0.5, 1.0)
+    remap_prob: float = 0.0  # random piecewise-linear intensity curve (MR contrast randomisation); off by default
+    remap_points: int = 4  # interior control points of the curve
+    remap_monotone: bool = False  # False: tissues may swap brightness order (another MR sequence); True: sorted
     context: float = 1.4  # box size / crop size cut on the CPU (room for rotation and zoom-out)
+
+    def check(self) -> AugmentConfig:
+        """Raise :class:`InputError` for settings no draw can honour."""
+        for name in ("flip_prob", "spatial_prob", "elastic_prob", "brightness_prob", "contrast_prob", "gamma_prob",
+                     "noise_prob", "blur_prob", "remap_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"augment.{name}", f"must be a probability in [0, 1], got {getattr(self, name)}")
+        if self.remap_points < 0:
+            raise InputError("augment.remap_points", f"must be >= 0, got {self.remap_points}")
+        return self
 
     @classmethod
     def none(cls) -> AugmentConfig:
@@ -186,11 +201,48 @@ def sample_views(boxes: Tensor, voxel_to_box: Tensor, crop_size: tuple[int, ...]
     return F.grid_sample(boxes, grid.to(boxes.dtype), mode=mode, padding_mode="border", align_corners=True)
 
 
+def remap_curves(n: int, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    """(n, remap_points + 2) curve values at the evenly spaced knots 0, 1/(K+1), ..., 1; identity where not fired.
+
+    Drawn only when ``remap_prob > 0``, so configurations without it keep their random stream.
+    """
+    k = cfg.remap_points + 2
+    identity = torch.linspace(0.0, 1.0, k, dtype=torch.float64).expand(n, k)
+    values = torch.rand(n, k, generator=gen, dtype=torch.float64)
+    if cfg.remap_monotone:
+        values = values.sort(dim=1).values
+    return torch.where(_fires(n, cfg.remap_prob, gen)[:, None], values, identity)
+
+
+def apply_curves(x: Tensor, curves: Tensor) -> Tensor:
+    """Map each view's intensities through its piecewise-linear curve over the view's own [min, max] range.
+
+    ``u = (x - min) / (max - min)`` in [0, 1]; ``y = interp(u; knots, curves[n])``; returned as ``min + y (max -
+    min)``, so the intensity range is kept and the identity curve returns ``x`` up to rounding.
+    """
+    n, k = x.shape[0], curves.shape[1]
+    flat = x.reshape(n, -1)
+    lo = flat.amin(dim=1, keepdim=True)
+    rng = (flat.amax(dim=1, keepdim=True) - lo).clamp_min(1e-6)
+    t = ((flat - lo) / rng).clamp(0, 1) * (k - 1)
+    idx = t.floor().long().clamp(max=k - 2)
+    frac = t - idx
+    c = curves.to(device=x.device, dtype=x.dtype)
+    y = torch.gather(c, 1, idx) * (1 - frac) + torch.gather(c, 1, idx + 1) * frac
+    return (lo + y * rng).reshape(x.shape)
+
+
 def intensity_augment(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """Contrast, brightness, gamma, noise, blur per view; returns the new tensor and the drawn parameters."""
+    """Remap curve, contrast, brightness, gamma, noise, blur per view; returns the new tensor and the parameters."""
     n = x.shape[0]
     dims = tuple(range(1, x.ndim))
     dev = x.device
+    extra: dict[str, Tensor] = {}
+    if cfg.remap_prob > 0:
+        extra["remap"] = curves = remap_curves(n, cfg, gen)
+        fired = (curves != torch.linspace(0.0, 1.0, curves.shape[1], dtype=torch.float64)).any(dim=1)
+        if bool(fired.any()):
+            x = torch.where(fired.to(dev).view((n,) + (1,) * (x.ndim - 1)), apply_curves(x, curves), x)
     def draw(p: float, lo: float, hi: float, neutral: float) -> Tensor:
         return torch.where(_fires(n, p, gen), _uniform(n, lo, hi, gen), torch.full((n,), neutral, dtype=torch.float64))
 
@@ -214,7 +266,8 @@ def intensity_augment(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tu
         x = x + eps * noise.to(**to).view(shape)
     for i in torch.nonzero(blur > 0).flatten().tolist():
         x[i : i + 1] = gaussian_smooth(x[i : i + 1], float(blur[i]))
-    return x, {"contrast": contrast, "brightness": bright, "gamma": gamma, "noise_std": noise, "blur_sigma": blur}
+    return x, {"contrast": contrast, "brightness": bright, "gamma": gamma, "noise_std": noise, "blur_sigma": blur,
+               **extra}
 
 
 def augment(boxes: Tensor, crop_size: tuple[int, ...], cfg: AugmentConfig, gen: torch.Generator, *,
