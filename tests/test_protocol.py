@@ -269,6 +269,38 @@ def test_lr_sweep_for_every_method_gives_each_its_own_recorded_lr(phantom_cache,
     assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")} == stamp
 
 
+def test_jobs_give_the_rows_of_a_serial_run_with_the_workers_thread_count(phantom_cache, tmp_path):
+    pre_cfg = {"data": {"crop_size": [16, 16, 16]}, "probe_crops": 0}
+    cfg = BenchmarkConfig(methods=["scratch", "simclr"], labeled=[1], folds=2, run_folds=[1], seeds=[0, 1],
+                          pretrain_preset="cpu-tiny", pretrain_steps=2, pretrain=pre_cfg,
+                          finetune_preset="cpu-tiny", finetune_steps=2, eval_at=[1.0], lr_sweep=[1e-3, 1e-2],
+                          lr_sweep_methods=["all"], finetune={"data": {"crop_size": [16, 16, 16]}, "log_every": 1})
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what each of 2 workers gets from 2 threads
+        serial = read_results(run_benchmark(phantom_cache, tmp_path / "a", cfg, **QUIET))
+        torch.set_num_threads(2)
+        lines: list[str] = []
+        parallel = read_results(run_benchmark(phantom_cache, tmp_path / "b", cfg, progress=False, log=lines.append,
+                                              jobs=2))
+    finally:
+        torch.set_num_threads(threads)
+
+    def table(rows):
+        return sorted(({k: v for k, v in r.items() if k not in ("seconds", "finetune_run", "pretrain_run")}
+                       for r in rows), key=lambda r: (r["method"], r["seed"], r["case"]))
+
+    assert len(parallel) == len(serial) == 2 * 2 * serial[0]["n_test"]
+    assert table(parallel) == table(serial)
+    for record in ("lr_sweep.json", "lr_sweep_simclr.json"):
+        a = json.loads((tmp_path / "a" / record).read_text())
+        b = json.loads((tmp_path / "b" / record).read_text())
+        assert {**a, "init": ""} == {**b, "init": ""}
+    # the workers' log lines reach the caller's log: every start and every result
+    assert sum("fine-tune" in x for x in lines) == 4 and sum("test Dice" in x for x in lines) == 4
+    assert sum(x.startswith("[lr sweep] scratch lr") for x in lines) == 2
+
+
 # ------------------------------------------------------------------------------------------------ frozen probe
 
 

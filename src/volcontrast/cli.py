@@ -398,6 +398,8 @@ def benchmark(
                                       help="A packaged study: cpu-study (MR, ~100 min on 2 cores), cpu-study-ct, "
                                            "cpu-protocol, gpu-study; --config and options override it."),
     config: Path | None = typer.Option(None, "--config", help="YAML with BenchmarkConfig fields."),
+    jobs: int = typer.Option(1, "--jobs", min=1,
+                             help="Runs at once, each in its own process with 1/N of the threads (default 1)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Folds x seeds x label budgets x methods, resumable -> results.csv, results.md, results.png."""
@@ -434,7 +436,7 @@ def benchmark(
         cfg = config_with(base, over)
     except ValueError as exc:
         raise InputError("benchmark", str(exc)) from None
-    results = run_benchmark(cache, out, cfg, progress=not quiet, log=_echo)
+    results = run_benchmark(cache, out, cfg, progress=not quiet, log=_echo, jobs=jobs)
     typer.echo((out / "results.md").read_text(encoding="utf-8") if (out / "results.md").exists() else "")
     _echo(f"results: {results}")
 

@@ -126,12 +126,19 @@ def _complete(run: Path, steps: int) -> bool:
 
 
 def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: BenchmarkConfig | None = None,
-                  *, progress: bool = True, log=print) -> Path:
-    """Run every missing cell of the benchmark; returns the path of ``results.csv``."""
+                  *, progress: bool = True, log=print, jobs: int = 1) -> Path:
+    """Run every missing cell of the benchmark; returns the path of ``results.csv``.
+
+    Three phases: the pretraining runs the missing cells need, the learning-rate sweeps, then the fine-tuning
+    cells. ``jobs > 1`` runs each phase's runs in that many worker processes at once, each with ``1/jobs`` of this
+    process's torch threads (small networks use a few threads better than many); every run is still a function of
+    its config and seed, so its result equals a serial run with the worker's thread count.
+    """
     config = config or BenchmarkConfig()
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if jobs < 1:
+        raise InputError("--jobs", f"must be >= 1, got {jobs}")
     if config.eval not in ("finetune", "frozen"):
         raise InputError("--eval", f"must be finetune or frozen, got {config.eval!r}")
     specs = [parse_method(m, config.dim) for m in config.methods]
@@ -147,60 +154,194 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
             if name != "scratch":
                 crop = tuple(_pretrain_config(config, name, dim, config.seeds[0], pool).data.crop_size)
                 cache.check_min_size(crop, pool)
+    out.mkdir(parents=True, exist_ok=True)
     check_same_settings(out, config, cache)
-    if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
-        config = merge(config, {"scratch_lr": sweep_lr(cache, out, config, progress=progress, log=log)})
     atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
     results = out / "results.csv"
     done = finished_cells(results)
-    method_lrs: dict[str, float] = {}  # swept pretrained methods' learning rates, chosen once per benchmark
+    cells = []  # the missing (fold, seed, method, budget) cells, in table order
     for fold in folds:
-        split = splits[fold]
-        pool = pretraining_pool(split, cache.ids, config.transductive)
+        pool = pretraining_pool(splits[fold], cache.ids, config.transductive)
         for seed in config.seeds:
-            cell_dir = out / "runs" / f"fold{fold}_seed{seed}"
             for name, dim, variants in specs:
                 base = name if dim == config.dim else f"{name}@{dim}d"
                 label = "+".join([name, *variants]) + ("" if dim == config.dim else f"@{dim}d")
-                todo = [m for m in config.labeled if (label, m + config.val, config.val, fold, seed) not in done]
-                if not todo:
-                    continue
-                init = "scratch"
-                if name != "scratch":
-                    # one pretraining run per (method, seed, pool): folds with the same pool (transductive) share it
-                    init = str(_pretrain_cell(cache, _pretrain_dir(out, base, seed, pool), config, name, dim, seed,
-                                              pool, progress, log))
-                    if config.lr_sweep and _swept(config, label) and label not in method_lrs:
-                        # chosen once, on the sweep fold with the first seed's pretraining (as scratch's is)
-                        sweep_fold = folds[0]
-                        sweep_pool = pretraining_pool(splits[sweep_fold], cache.ids, config.transductive)
-                        sweep_init = str(_pretrain_cell(cache, _pretrain_dir(out, base, config.seeds[0], sweep_pool),
-                                                        config, name, dim, config.seeds[0], sweep_pool, progress,
-                                                        log))
-                        method_lrs[label] = sweep_lr(cache, out, config, progress=progress, log=log, label=label,
-                                                     init=sweep_init, dim=dim, variants=variants)
-                for budget in todo:
-                    t0 = time.perf_counter()
-                    m_total = budget + config.val
-                    run = cell_dir / (f"finetune_{label}_M{m_total}" + (f"v{config.val}" if config.val else ""))
-                    if run.exists():
-                        shutil.rmtree(run)  # an unfinished cell: start it again
-                    ft_cfg = _finetune_config(config, init, budget, fold, seed, dim, variants, lr=method_lrs.get(label))
-                    log(f"[fold {fold} seed {seed}] fine-tune {label} with M={m_total} labelled volume(s)"
-                        + (f" ({config.val} for validation)" if config.val else ""))
-                    finetune(cache, run, ft_cfg, progress=progress)
-                    rows = _score_cell(cache, run, ft_cfg, config, label, fold, seed, init,
-                                       "transductive" if config.transductive else "fold")
-                    for r in rows:
-                        r["seconds"] = round(time.perf_counter() - t0, 1)
-                    append_results(results, rows)
-                    final = [r["dice"] for r in rows if r["at"] == 1.0]
-                    log(f"[fold {fold} seed {seed}] {label} M={m_total}: test Dice {_nanmean(final):.4f}"
-                        f" (converged: {'yes' if rows[0]['converged'] == 1.0 else 'no'})")
-                    write_report(results, out)
+                for budget in config.labeled:
+                    if (label, budget + config.val, config.val, fold, seed) not in done:
+                        cells.append(_Cell(fold, seed, name, dim, variants, base, label, budget, pool))
+    # the methods whose learning rate a sweep chooses: scratch's on the first run fold with no pretraining, a
+    # pretrained method's there too, starting from the first seed's pretraining (one choice per benchmark)
+    sweep_pool = pretraining_pool(splits[folds[0]], cache.ids, config.transductive)
+    swept = {}
+    for c in cells:
+        if config.lr_sweep and c.name != "scratch" and _swept(config, c.label) and c.label not in swept:
+            swept[c.label] = c
+    with _Workers(cache.root, jobs) as workers:
+        # 1. pretraining: one run per (method, seed, pool), shared by the folds with that pool
+        pre: dict[Path, tuple] = {}
+        for c in [*cells, *[_Cell(**{**c.__dict__, "seed": config.seeds[0], "pool": sweep_pool})
+                            for c in swept.values()]]:
+            if c.name != "scratch":
+                pre.setdefault(_pretrain_dir(out, c.base, c.seed, c.pool), (c.name, c.dim, c.seed, c.pool))
+        tasks = [(_task_pretrain, (run, config, *args)) for run, args in pre.items()]
+        for _, (_, lines) in workers.run(tasks, progress, log):
+            for line in lines:
+                log(line)
+        # 2. learning-rate sweeps (scratch first; each records its choice)
+        plans = []
+        if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
+            plans.append(_SweepPlan.make(cache, out, config, "scratch", "scratch", config.dim, (), log))
+        for label, c in swept.items():
+            init = str(_pretrain_dir(out, c.base, config.seeds[0], sweep_pool))
+            plans.append(_SweepPlan.make(cache, out, config, label, init, c.dim, c.variants, log))
+        tasks = [(_task_sweep_run, (run, cfg, plan.dev, start)) for plan in plans for run, cfg, start in plan.runs]
+        owners = [(plan, i) for plan in plans for i in range(len(plan.runs))]
+        for k, (dice, lines) in workers.run(tasks, progress, log):
+            for line in lines:
+                log(line)
+            plan, i = owners[k]
+            plan.dice[i] = dice
+        method_lrs: dict[str, float] = {}
+        for plan in plans:
+            lr = plan.choose(log)
+            if plan.label == "scratch":
+                config = merge(config, {"scratch_lr": lr})
+                atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
+            else:
+                method_lrs[plan.label] = lr
+        # 3. the fine-tuning cells, scored on their test fold; rows appended as each cell finishes
+        tasks = []
+        for c in cells:
+            init = "scratch" if c.name == "scratch" else str(_pretrain_dir(out, c.base, c.seed, c.pool))
+            m_total = c.budget + config.val
+            run = out / "runs" / f"fold{c.fold}_seed{c.seed}" / (f"finetune_{c.label}_M{m_total}"
+                                                                  + (f"v{config.val}" if config.val else ""))
+            ft_cfg = _finetune_config(config, init, c.budget, c.fold, c.seed, c.dim, c.variants,
+                                      lr=method_lrs.get(c.label))
+            start = (f"[fold {c.fold} seed {c.seed}] fine-tune {c.label} with M={m_total} labelled volume(s)"
+                     + (f" ({config.val} for validation)" if config.val else ""))
+            tasks.append((_task_cell, (run, ft_cfg, config, c.label, c.fold, c.seed, init,
+                                       "transductive" if config.transductive else "fold", start)))
+        for k, (rows, lines) in workers.run(tasks, progress, log):
+            for line in lines:
+                log(line)
+            append_results(results, rows)
+            c = cells[k]
+            final = [r["dice"] for r in rows if r["at"] == 1.0]
+            log(f"[fold {c.fold} seed {c.seed}] {c.label} M={c.budget + config.val}: test Dice {_nanmean(final):.4f}"
+                f" (converged: {'yes' if rows[0]['converged'] == 1.0 else 'no'})")
+            write_report(results, out)
     if results.exists():
         write_report(results, out)
     return results
+
+
+@dataclass
+class _Cell:
+    fold: int
+    seed: int
+    name: str
+    dim: int
+    variants: tuple[str, ...]
+    base: str  # pretraining run name (method, with @2d when not the benchmark's dimension)
+    label: str  # row label (method, variants, dimension)
+    budget: int
+    pool: list[str]
+
+
+class _Workers:
+    """Runs ``(function, args)`` tasks here (``jobs = 1``) or in ``jobs`` spawned processes; yields (index, result).
+
+    A task function takes ``(cache, *args, progress=..., log=...)`` and returns ``(result, log lines)``: run here it
+    logs as it goes (its lines list stays empty); in a worker its lines are collected and logged when it is done.
+    """
+
+    def __init__(self, cache_root: Path, jobs: int):
+        self.cache_root, self.jobs, self.pool = Path(cache_root), jobs, None
+
+    def __enter__(self) -> _Workers:
+        if self.jobs > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            import torch
+
+            threads = max(1, torch.get_num_threads() // self.jobs)
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_worker_init, initargs=(str(self.cache_root), threads))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, tasks: list[tuple], progress: bool, log):
+        if self.pool is None:
+            cache = _worker_cache(str(self.cache_root))
+            for i, (fn, args) in enumerate(tasks):
+                yield i, fn(cache, *args, progress=progress, log=log)
+            return
+        from concurrent.futures import as_completed
+
+        futures = {self.pool.submit(_in_worker, fn, args): i for i, (fn, args) in enumerate(tasks)}
+        try:
+            for f in as_completed(futures):
+                yield futures[f], f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+_CACHES: dict[str, Cache] = {}  # opened once per process
+_WORKER_CACHE = ""  # a worker process's cache folder
+
+
+def _worker_cache(root: str) -> Cache:
+    if root not in _CACHES:
+        _CACHES[root] = Cache(root)
+    return _CACHES[root]
+
+
+def _worker_init(cache_root: str, threads: int) -> None:
+    global _WORKER_CACHE
+    from volcontrast.utils.threads import configure_threads
+
+    configure_threads(threads)
+    _WORKER_CACHE = cache_root
+
+
+def _in_worker(fn, args: tuple):
+    lines: list[str] = []
+    result, _ = fn(_worker_cache(_WORKER_CACHE), *args, progress=False, log=lines.append)
+    return result, lines
+
+
+def _task_pretrain(cache: Cache, run: Path, config: BenchmarkConfig, name: str, dim: int, seed: int,
+                   pool: list[str], *, progress: bool, log) -> tuple[Path, list[str]]:
+    return _pretrain_cell(cache, run, config, name, dim, seed, pool, progress, log), []
+
+
+def _task_sweep_run(cache: Cache, run: Path, cfg, dev: list[str], start: str, *, progress: bool,
+                    log) -> tuple[float, list]:
+    if run.exists():
+        shutil.rmtree(run)
+    log(start)
+    finetune(cache, run, cfg, progress=progress)
+    return evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"], []
+
+
+def _task_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label: str, fold: int, seed: int,
+               init: str, pool: str, start: str, *, progress: bool, log) -> tuple[list[dict[str, Any]], list]:
+    t0 = time.perf_counter()
+    if run.exists():
+        shutil.rmtree(run)  # an unfinished cell: start it again
+    log(start)
+    finetune(cache, run, ft_cfg, progress=progress)
+    rows = _score_cell(cache, run, ft_cfg, config, label, fold, seed, init, pool)
+    for r in rows:
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+    return rows, []
 
 
 # fields that only add cells to a benchmark folder (more methods, budgets, seeds, folds) or are guarded by their
@@ -329,8 +470,8 @@ def _score_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label:
 
 
 def sweep_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool = False,
-                     log=print, label: str = "scratch", init: str = "scratch", dim: int | None = None,
-                     variants: tuple[str, ...] = ()) -> float:
+             log=print, label: str = "scratch", init: str = "scratch", dim: int | None = None,
+             variants: tuple[str, ...] = ()) -> float:
     """Choose a method's fine-tuning learning rate among ``config.lr_sweep`` on development cases, never a test fold.
 
     The method (scratch by default; a pretrained ``label`` starts from ``init``) is fine-tuned with every candidate
@@ -340,50 +481,79 @@ def sweep_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool
     ``OUT/lr_sweep.json`` for scratch, ``OUT/lr_sweep_<label>.json`` for another method (reused when it lists the
     same candidates, budgets and steps) and into ``results.md``.
     """
-    dim = config.dim if dim is None else dim
-    record = out / ("lr_sweep.json" if label == "scratch" else f"lr_sweep_{label.replace('@', '_')}.json")
-    lrs = sorted(float(x) for x in config.lr_sweep)
-    if any(x <= 0 for x in lrs):
-        raise InputError("--lr-sweep", f"learning rates must be > 0, got {config.lr_sweep}")
-    fold = (config.run_folds or [0])[0]
-    seed = config.seeds[0]
-    probe = _finetune_config(config, init, 0, fold, seed, dim, variants)
-    budgets = list(config.sweep_labeled or config.labeled)
-    if record.is_file():
-        old = read_json(record)
-        # reused only for the same candidates, budgets and fine-tuning length (a longer schedule may move the
-        # best learning rate)
-        if (sorted(float(x) for x in old["lrs"]) == lrs and old.get("steps") == probe.steps
-                and old.get("init", init) == init
-                and old.get("budgets", budgets) == budgets):
-            log(f"{label} learning rate {old['chosen']:.2g} from {record}")
-            return float(old["chosen"])
-    split = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
-                         val_fraction=probe.val_fraction)[fold]
-    dev = list(split.val)
-    if not dev:
-        raise InputError("--lr-sweep", f"fold {fold} has no validation cases to sweep on")
-    sweep_cfg = merge(config, {"val": 0, "eval_at": [1.0]})
-    scores = []
-    steps = 0
-    for lr in lrs:
-        dice = []
-        for budget in budgets:
-            run = out / "runs" / "lr_sweep" / f"{label}_lr{lr:g}_M{budget}"
-            if run.exists():
-                shutil.rmtree(run)
-            cfg = _finetune_config(sweep_cfg, init, budget, fold, seed, dim, variants, lr=lr)
-            steps = cfg.steps
-            log(f"[lr sweep] {label} lr {lr:g}, M={budget}, scored on fold {fold}'s {len(dev)} validation cases")
-            finetune(cache, run, cfg, progress=progress)
-            dice.append(evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"])
-        scores.append(_nanmean(dice))
-    best = max(range(len(lrs)), key=lambda i: (scores[i] if not math.isnan(scores[i]) else -1.0, -lrs[i]))
-    atomic_write_json(record, {"lrs": lrs, "dice": scores, "chosen": lrs[best], "budgets": budgets,
-                               "where": f"fold {fold} validation cases, seed {seed}", "fold": fold, "cases": dev,
-                               "steps": steps, "method": label, "init": init})
-    log(f"[lr sweep] {label} learning rate {lrs[best]:g} (mean development Dice {scores[best]:.4f})")
-    return lrs[best]
+    plan = _SweepPlan.make(cache, out, config, label, init, config.dim if dim is None else dim, variants, log)
+    for i, (run, cfg, start) in enumerate(plan.runs):
+        plan.dice[i], _ = _task_sweep_run(cache, run, cfg, plan.dev, start, progress=progress, log=log)
+    return plan.choose(log)
+
+
+@dataclass
+class _SweepPlan:
+    """One method's sweep: a recorded choice to reuse, or the runs to do (``runs``; their Dice fill ``dice``)."""
+
+    label: str
+    init: str
+    record: Path
+    lrs: list[float]
+    budgets: list[int]
+    fold: int
+    seed: int
+    dev: list[str]
+    runs: list[tuple[Path, Any, str]]  # (run folder, fine-tuning config, log line)
+    dice: list[float]
+    reused: float | None = None
+
+    @classmethod
+    def make(cls, cache: Cache, out: Path, config: BenchmarkConfig, label: str, init: str, dim: int,
+             variants: tuple[str, ...], log) -> _SweepPlan:
+        record = out / ("lr_sweep.json" if label == "scratch" else f"lr_sweep_{label.replace('@', '_')}.json")
+        lrs = sorted(float(x) for x in config.lr_sweep)
+        if any(x <= 0 for x in lrs):
+            raise InputError("--lr-sweep", f"learning rates must be > 0, got {config.lr_sweep}")
+        fold = (config.run_folds or [0])[0]
+        seed = config.seeds[0]
+        probe = _finetune_config(config, init, 0, fold, seed, dim, variants)
+        budgets = list(config.sweep_labeled or config.labeled)
+        plan = cls(label, init, record, lrs, budgets, fold, seed, [], [], [])
+        if record.is_file():
+            old = read_json(record)
+            # reused only for the same candidates, budgets and fine-tuning length (a longer schedule may move the
+            # best learning rate)
+            if (sorted(float(x) for x in old["lrs"]) == lrs and old.get("steps") == probe.steps
+                    and old.get("init", init) == init
+                    and old.get("budgets", budgets) == budgets):
+                log(f"{label} learning rate {old['chosen']:.2g} from {record}")
+                plan.reused = float(old["chosen"])
+                return plan
+        split = kfold_splits(cache.labelled_ids, config.folds, seed=config.split_seed,
+                             val_fraction=probe.val_fraction)[fold]
+        plan.dev = list(split.val)
+        if not plan.dev:
+            raise InputError("--lr-sweep", f"fold {fold} has no validation cases to sweep on")
+        sweep_cfg = merge(config, {"val": 0, "eval_at": [1.0]})
+        for lr in lrs:
+            for budget in budgets:
+                run = out / "runs" / "lr_sweep" / f"{label}_lr{lr:g}_M{budget}"
+                cfg = _finetune_config(sweep_cfg, init, budget, fold, seed, dim, variants, lr=lr)
+                plan.runs.append((run, cfg, f"[lr sweep] {label} lr {lr:g}, M={budget}, scored on fold {fold}'s "
+                                            f"{len(plan.dev)} validation cases"))
+        plan.dice = [math.nan] * len(plan.runs)
+        return plan
+
+    def choose(self, log) -> float:
+        """The best candidate by mean development Dice over the budgets (ties: the smaller lr); recorded."""
+        if self.reused is not None:
+            return self.reused
+        k = len(self.budgets)
+        scores = [_nanmean(self.dice[i * k:(i + 1) * k]) for i in range(len(self.lrs))]
+        best = max(range(len(self.lrs)), key=lambda i: (scores[i] if not math.isnan(scores[i]) else -1.0,
+                                                        -self.lrs[i]))
+        atomic_write_json(self.record, {
+            "lrs": self.lrs, "dice": scores, "chosen": self.lrs[best], "budgets": self.budgets,
+            "where": f"fold {self.fold} validation cases, seed {self.seed}", "fold": self.fold, "cases": self.dev,
+            "steps": self.runs[0][1].steps, "method": self.label, "init": self.init})
+        log(f"[lr sweep] {self.label} learning rate {self.lrs[best]:g} (mean development Dice {scores[best]:.4f})")
+        return self.lrs[best]
 
 
 def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
