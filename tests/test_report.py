@@ -183,3 +183,16 @@ def test_report_warns_when_scratch_did_not_converge(tmp_path, rng):
     assert "**Warning: 1 of 4 scratch runs did not converge**" in text
     text = write_report(tmp_path / "all.csv", tmp_path / "ok", n_boot=50)[0].read_text()
     assert "did not converge" not in text
+
+
+@pytest.mark.parametrize("lrs,chosen,want", [
+    ([0.01, 0.03], 0.03, " **The largest candidate won: a larger learning rate was not tried"),
+    ([0.03, 0.01, 0.1], 0.01, " **The smallest candidate won: a smaller learning rate was not tried"),
+    ([0.01, 0.03, 0.1], 0.03, ""),
+    ([0.03], 0.03, ""),
+])
+def test_sweep_edge_warning_names_the_edge(lrs, chosen, want):
+    from volcontrast.bench.report import sweep_edge_warning
+
+    got = sweep_edge_warning(lrs, chosen)
+    assert got.startswith(want) and (want != "" or got == "")

@@ -556,8 +556,19 @@ def _sweep_line(out: Path) -> str:
         tried = ", ".join(f"{float(lr):.2g} → {float(d):.3f}" for lr, d in zip(s["lrs"], s["dice"]))
         who = "Scratch" if q == p else s["method"]
         lines.append(f"{who} learning rate {float(s['chosen']):.2g}, chosen by a sweep on development cases "
-                     f"({s['where']}; never a test fold): mean Dice per learning rate {tried}.")
+                     f"({s['where']}; never a test fold): mean Dice per learning rate {tried}."
+                     + sweep_edge_warning(s["lrs"], s["chosen"]))
     return "\n\n".join(lines)
+
+
+def sweep_edge_warning(lrs: list[float], chosen: float) -> str:
+    """A sentence when the chosen learning rate is the largest or smallest candidate (the optimum may lie beyond)."""
+    lrs = sorted(float(x) for x in lrs)
+    if len(lrs) < 2 or float(chosen) not in (lrs[0], lrs[-1]):
+        return ""
+    side, beyond = ("largest", "larger") if float(chosen) == lrs[-1] else ("smallest", "smaller")
+    return (f" **The {side} candidate won: a {beyond} learning rate was not tried, so the optimum may lie beyond "
+            f"the grid; extend `--lr-sweep`.**")
 
 
 def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, n_boot: int = BOOTSTRAP,
