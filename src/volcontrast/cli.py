@@ -398,8 +398,9 @@ def benchmark(
                                       help="A packaged study: cpu-study (MR, ~100 min on 2 cores), cpu-study-ct, "
                                            "cpu-protocol, gpu-study; --config and options override it."),
     config: Path | None = typer.Option(None, "--config", help="YAML with BenchmarkConfig fields."),
-    jobs: int = typer.Option(1, "--jobs", min=1,
-                             help="Runs at once, each in its own process with 1/N of the threads (default 1)."),
+    jobs: int | None = typer.Option(None, "--jobs", min=1,
+                                    help="Runs at once, each in its own process with 1/N of the threads (default 1, "
+                                         "or the preset's)."),
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Folds x seeds x label budgets x methods, resumable -> results.csv, results.md, results.png."""
@@ -428,7 +429,7 @@ def benchmark(
         "pretrain_preset": pretrain_preset, "finetune_preset": finetune_preset,
         "transductive": transductive or None, "val": val, "scratch_lr": scratch_lr,
         "lr_sweep": _float_list(lr_sweep, "--lr-sweep"), "eval_at": _float_list(eval_at, "--eval-at"),
-        "eval": eval_mode,
+        "eval": eval_mode, "jobs": jobs,
         "lr_sweep_methods": [m.strip() for m in lr_sweep_methods.split(",") if m.strip()] if lr_sweep_methods
         else None,
     }
@@ -436,7 +437,7 @@ def benchmark(
         cfg = config_with(base, over)
     except ValueError as exc:
         raise InputError("benchmark", str(exc)) from None
-    results = run_benchmark(cache, out, cfg, progress=not quiet, log=_echo, jobs=jobs)
+    results = run_benchmark(cache, out, cfg, progress=not quiet, log=_echo)
     typer.echo((out / "results.md").read_text(encoding="utf-8") if (out / "results.md").exists() else "")
     _echo(f"results: {results}")
 

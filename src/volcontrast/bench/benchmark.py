@@ -82,6 +82,7 @@ class BenchmarkConfig:
     # extra pretraining overrides per method, e.g. {"alice": {"steps": 500, "alice": {"mask_block": [4, 4]}}}
     pretrain_by_method: dict[str, dict[str, Any]] = field(default_factory=dict)
     finetune_2d: dict[str, Any] = field(default_factory=dict)  # extra overrides for @2d fine-tuning
+    jobs: int = 1  # runs at once, each in its own process with 1/jobs of the threads (CLI --jobs)
 
 
 PRESET_DIR = Path(__file__).with_name("presets")  # benchmark presets: YAML files of BenchmarkConfig fields
@@ -126,17 +127,19 @@ def _complete(run: Path, steps: int) -> bool:
 
 
 def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, config: BenchmarkConfig | None = None,
-                  *, progress: bool = True, log=print, jobs: int = 1) -> Path:
+                  *, progress: bool = True, log=print, jobs: int | None = None) -> Path:
     """Run every missing cell of the benchmark; returns the path of ``results.csv``.
 
     Three phases: the pretraining runs the missing cells need, the learning-rate sweeps, then the fine-tuning
-    cells. ``jobs > 1`` runs each phase's runs in that many worker processes at once, each with ``1/jobs`` of this
-    process's torch threads (small networks use a few threads better than many); every run is still a function of
-    its config and seed, so its result equals a serial run with the worker's thread count.
+    cells. ``jobs`` (default ``config.jobs``) > 1 runs each phase's runs in that many worker processes at once,
+    each with ``1/jobs`` of this process's torch threads (small networks use a few threads better than many);
+    every run is still a function of its config and seed, so its result equals a serial run with the worker's
+    thread count.
     """
     config = config or BenchmarkConfig()
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     out = Path(out)
+    jobs = config.jobs if jobs is None else jobs
     if jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {jobs}")
     if config.eval not in ("finetune", "frozen"):
@@ -347,7 +350,7 @@ def _task_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label: 
 # fields that only add cells to a benchmark folder (more methods, budgets, seeds, folds) or are guarded by their
 # own record (scratch_lr comes from lr_sweep.json); every other field changes what a finished cell means
 ADDITIVE_FIELDS = ("methods", "labeled", "seeds", "run_folds", "lr_sweep_methods", "scratch_lr", "sweep_labeled",
-                   "eval")
+                   "eval", "jobs")
 
 
 def check_same_settings(out: Path, config: BenchmarkConfig, cache: Cache) -> None:
