@@ -223,7 +223,10 @@ def test_cli_scratch_lr_sweep_uses_development_cases_and_is_recorded(phantom_cac
     assert sweep["cases"] == split.val and not set(sweep["cases"]) & set(split.test)  # never the test fold
     rows = read_results(out / "results.csv")
     assert {r["lr"] for r in rows} == {sweep["chosen"]}
-    assert f"Scratch learning rate {sweep['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert f"Scratch learning rate {sweep['chosen']:.2g}, chosen by a sweep" in report
+    # two candidates: a strict winner is an edge of the grid, and results.md says so
+    assert ("candidate won: a" in report) == (sweep["dice"][0] != sweep["dice"][1])
     # another fine-tuning length into the same folder would mix two protocols in one table: one line, exit 2
     before = (out / "results.csv").read_bytes()
     capsys.readouterr()
@@ -267,6 +270,22 @@ def test_lr_sweep_for_every_method_gives_each_its_own_recorded_lr(phantom_cache,
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")}
     run_benchmark(phantom_cache, out, cfg, **QUIET)
     assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")} == stamp
+
+
+def test_new_cells_at_another_learning_rate_are_refused(phantom_cache, tmp_path):
+    cfg = BenchmarkConfig(methods=["scratch"], labeled=[1], folds=2, run_folds=[1], seeds=[0], scratch_lr=1e-3,
+                          finetune_preset="cpu-tiny", finetune_steps=2, eval_at=[1.0],
+                          finetune={"data": {"crop_size": [16, 16, 16]}, "log_every": 1})
+    out = tmp_path / "b"
+    run_benchmark(phantom_cache, out, cfg, **QUIET)
+    before = (out / "results.csv").read_bytes()
+    with pytest.raises(InputError) as exc:  # a new seed is accepted, but not at another rate
+        run_benchmark(phantom_cache, out, merge(cfg, {"seeds": [0, 1], "scratch_lr": 1e-2}), **QUIET)
+    assert exc.value.line() == (f"{out / 'results.csv'}: scratch's finished cells were fine-tuned at learning rate "
+                                "0.001, the new ones would be at 0.01 (another sweep choice or --scratch-lr); use a "
+                                "new --out")
+    assert (out / "results.csv").read_bytes() == before
+    assert not (out / "runs" / "fold1_seed1").exists()
 
 
 def test_jobs_give_the_rows_of_a_serial_run_with_the_workers_thread_count(phantom_cache, tmp_path):

@@ -185,14 +185,16 @@ def test_report_warns_when_scratch_did_not_converge(tmp_path, rng):
     assert "did not converge" not in text
 
 
-@pytest.mark.parametrize("lrs,chosen,want", [
-    ([0.01, 0.03], 0.03, " **The largest candidate won: a larger learning rate was not tried"),
-    ([0.03, 0.01, 0.1], 0.01, " **The smallest candidate won: a smaller learning rate was not tried"),
-    ([0.01, 0.03, 0.1], 0.03, ""),
-    ([0.03], 0.03, ""),
+@pytest.mark.parametrize("lrs,chosen,scores,want", [
+    ([0.01, 0.03], 0.03, [0.30, 0.35], " **The largest candidate won: a larger learning rate was not tried"),
+    ([0.03, 0.01, 0.1], 0.01, [0.2, 0.4, 0.1], " **The smallest candidate won: a smaller learning rate was not"),
+    ([0.01, 0.03, 0.1], 0.03, [0.2, 0.4, 0.1], ""),  # inside the grid
+    ([0.01, 0.03], 0.01, [0.3, 0.3], ""),  # a tie: the smaller won by the tie-break
+    ([0.01, 0.03], 0.01, [math.nan, math.nan], ""),
+    ([0.03], 0.03, [0.3], ""),
 ])
-def test_sweep_edge_warning_names_the_edge(lrs, chosen, want):
+def test_sweep_edge_warning_names_the_edge(lrs, chosen, scores, want):
     from volcontrast.bench.report import sweep_edge_warning
 
-    got = sweep_edge_warning(lrs, chosen)
+    got = sweep_edge_warning(lrs, chosen, scores)
     assert got.startswith(want) and (want != "" or got == "")

@@ -179,8 +179,11 @@ def test_remap_off_keeps_the_random_stream():
     from volcontrast.views.augment import intensity_augment
 
     x = torch.rand(6, 1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
-    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    y1, _ = intensity_augment(x.clone(), AugmentConfig(), g1)
-    y2, p2 = intensity_augment(x.clone(), AugmentConfig(remap_points=9, remap_monotone=True), g2)
-    assert torch.equal(y1, y2) and "remap" not in p2
-    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    _, p = intensity_augment(x.clone(), AugmentConfig(remap_points=9, remap_monotone=True),
+                             torch.Generator().manual_seed(5))
+    assert "remap" not in p
+    # the first draws are still contrast's, as before remap existed: fires (6 uniforms), then values (6 uniforms)
+    g = torch.Generator().manual_seed(5)
+    fires = torch.rand(6, generator=g, dtype=torch.float64) < 0.5
+    values = 0.75 + 0.5 * torch.rand(6, generator=g, dtype=torch.float64)
+    assert torch.equal(p["contrast"], torch.where(fires, values, torch.ones(6, dtype=torch.float64)))

@@ -139,7 +139,9 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     config = config or BenchmarkConfig()
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     out = Path(out)
-    jobs = config.jobs if jobs is None else jobs
+    if jobs is not None:
+        config = merge(config, {"jobs": jobs})
+    jobs = config.jobs
     if jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {jobs}")
     if config.eval not in ("finetune", "frozen"):
@@ -179,7 +181,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     for c in cells:
         if config.lr_sweep and c.name != "scratch" and _swept(config, c.label) and c.label not in swept:
             swept[c.label] = c
-    with _Workers(cache.root, jobs) as workers:
+    with _Workers(cache, jobs) as workers:
         # 1. pretraining: one run per (method, seed, pool), shared by the folds with that pool
         pre: dict[Path, tuple] = {}
         for c in [*cells, *[_Cell(**{**c.__dict__, "seed": config.seeds[0], "pool": sweep_pool})
@@ -190,28 +192,38 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
         for _, (_, lines) in workers.run(tasks, progress, log):
             for line in lines:
                 log(line)
-        # 2. learning-rate sweeps (scratch first; each records its choice)
+        # 2. learning-rate sweeps (scratch first); each choice is recorded as soon as its last run is scored
         plans = []
         if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
             plans.append(_SweepPlan.make(cache, out, config, "scratch", "scratch", config.dim, (), log))
         for label, c in swept.items():
             init = str(_pretrain_dir(out, c.base, config.seeds[0], sweep_pool))
             plans.append(_SweepPlan.make(cache, out, config, label, init, c.dim, c.variants, log))
-        tasks = [(_task_sweep_run, (run, cfg, plan.dev, start)) for plan in plans for run, cfg, start in plan.runs]
-        owners = [(plan, i) for plan in plans for i in range(len(plan.runs))]
-        for k, (dice, lines) in workers.run(tasks, progress, log):
-            for line in lines:
-                log(line)
-            plan, i = owners[k]
-            plan.dice[i] = dice
         method_lrs: dict[str, float] = {}
-        for plan in plans:
+
+        def chosen(plan: _SweepPlan) -> None:
+            nonlocal config
             lr = plan.choose(log)
             if plan.label == "scratch":
                 config = merge(config, {"scratch_lr": lr})
                 atomic_write_json(out / "benchmark.json", {**to_dict(config), "cache": str(cache.root.resolve())})
             else:
                 method_lrs[plan.label] = lr
+
+        for plan in plans:
+            if not plan.runs:
+                chosen(plan)  # a reused record
+        tasks = [(_task_sweep_run, (run, cfg, plan.dev, start)) for plan in plans for run, cfg, start in plan.runs]
+        owners = [(plan, i) for plan in plans for i in range(len(plan.runs))]
+        left = {id(plan): len(plan.runs) for plan in plans}
+        for k, (dice, lines) in workers.run(tasks, progress, log):
+            for line in lines:
+                log(line)
+            plan, i = owners[k]
+            plan.dice[i] = dice
+            left[id(plan)] -= 1
+            if not left[id(plan)]:
+                chosen(plan)
         # 3. the fine-tuning cells, scored on their test fold; rows appended as each cell finishes
         tasks = []
         for c in cells:
@@ -221,6 +233,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                                                                   + (f"v{config.val}" if config.val else ""))
             ft_cfg = _finetune_config(config, init, c.budget, c.fold, c.seed, c.dim, c.variants,
                                       lr=method_lrs.get(c.label))
+            check_same_lr(results, c.label, finetune_loop_settings(ft_cfg).lr)
             start = (f"[fold {c.fold} seed {c.seed}] fine-tune {c.label} with M={m_total} labelled volume(s)"
                      + (f" ({config.val} for validation)" if config.val else ""))
             tasks.append((_task_cell, (run, ft_cfg, config, c.label, c.fold, c.seed, init,
@@ -257,10 +270,11 @@ class _Workers:
 
     A task function takes ``(cache, *args, progress=..., log=...)`` and returns ``(result, log lines)``: run here it
     logs as it goes (its lines list stays empty); in a worker its lines are collected and logged when it is done.
+    When a worker's task fails, the other tasks still finish and are yielded; then the first error is raised.
     """
 
-    def __init__(self, cache_root: Path, jobs: int):
-        self.cache_root, self.jobs, self.pool = Path(cache_root), jobs, None
+    def __init__(self, cache: Cache, jobs: int):
+        self.cache, self.cache_root, self.jobs, self.pool = cache, Path(cache.root), jobs, None
 
     def __enter__(self) -> _Workers:
         if self.jobs > 1:
@@ -280,43 +294,44 @@ class _Workers:
 
     def run(self, tasks: list[tuple], progress: bool, log):
         if self.pool is None:
-            cache = _worker_cache(str(self.cache_root))
             for i, (fn, args) in enumerate(tasks):
-                yield i, fn(cache, *args, progress=progress, log=log)
+                yield i, fn(self.cache, *args, progress=progress, log=log)
             return
         from concurrent.futures import as_completed
 
         futures = {self.pool.submit(_in_worker, fn, args): i for i, (fn, args) in enumerate(tasks)}
+        error: BaseException | None = None
         try:
             for f in as_completed(futures):
-                yield futures[f], f.result()
-        except BaseException:
+                try:
+                    result = f.result()
+                except Exception as exc:  # the others' results are kept, then this is raised
+                    error = error or exc
+                    continue
+                yield futures[f], result
+        except BaseException:  # interrupted here, or the caller stopped: nothing more starts
             for f in futures:
                 f.cancel()
             raise
+        if error is not None:
+            raise error
 
 
-_CACHES: dict[str, Cache] = {}  # opened once per process
-_WORKER_CACHE = ""  # a worker process's cache folder
-
-
-def _worker_cache(root: str) -> Cache:
-    if root not in _CACHES:
-        _CACHES[root] = Cache(root)
-    return _CACHES[root]
+_WORKER: dict[str, Any] = {}  # a worker process's cache folder and its opened Cache
 
 
 def _worker_init(cache_root: str, threads: int) -> None:
-    global _WORKER_CACHE
     from volcontrast.utils.threads import configure_threads
 
     configure_threads(threads)
-    _WORKER_CACHE = cache_root
+    _WORKER["root"] = cache_root
 
 
 def _in_worker(fn, args: tuple):
+    if "cache" not in _WORKER:
+        _WORKER["cache"] = Cache(_WORKER["root"])
     lines: list[str] = []
-    result, _ = fn(_worker_cache(_WORKER_CACHE), *args, progress=False, log=lines.append)
+    result, _ = fn(_WORKER["cache"], *args, progress=False, log=lines.append)
     return result, lines
 
 
@@ -364,11 +379,32 @@ def check_same_settings(out: Path, config: BenchmarkConfig, cache: Cache) -> Non
         return
     old = read_json(path)
     new = {**to_dict(config), "cache": str(cache.root.resolve())}
+    if isinstance(old.get("lr_sweep"), list):
+        old["lr_sweep"], new["lr_sweep"] = sorted(old["lr_sweep"]), sorted(new["lr_sweep"])
+    if isinstance(old.get("pretrain_by_method"), dict):  # settings for a method added now only add cells
+        known = set(old.get("methods", []))
+        new["pretrain_by_method"] = {k: v for k, v in new["pretrain_by_method"].items()
+                                     if k in known or k in old["pretrain_by_method"]}
     for key in sorted(new):
         if key in ADDITIVE_FIELDS or key not in old or old[key] == new[key]:
             continue
         raise InputError(path, f"this folder's benchmark ran with {key} = {json.dumps(old[key])}, not "
                                f"{json.dumps(new[key])}; its finished runs would mix both settings: use a new --out")
+
+
+def check_same_lr(results: Path, label: str, lr: float) -> None:
+    """Refuse to fine-tune new ``label`` cells at another learning rate than its finished cells in ``results``.
+
+    Budgets, seeds and explicit learning rates only add cells, but they can move a sweep's choice (its budgets,
+    its starting pretraining) or set another rate; a table must not mix two rates for one method.
+    """
+    if not results.is_file():
+        return
+    with open(results, newline="", encoding="utf-8") as f:
+        old = {float(r["lr"]) for r in csv.DictReader(f) if r.get("method") == label and r.get("lr")}
+    if old and not any(math.isclose(lr, x, rel_tol=1e-9) for x in old):
+        raise InputError(results, f"{label}'s finished cells were fine-tuned at learning rate {min(old):g}, the new "
+                                  f"ones would be at {lr:g} (another sweep choice or --scratch-lr); use a new --out")
 
 
 def _pretrain_dir(out: Path, base: str, seed: int, pool: list[str]) -> Path:

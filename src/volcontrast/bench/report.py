@@ -557,16 +557,20 @@ def _sweep_line(out: Path) -> str:
         who = "Scratch" if q == p else s["method"]
         lines.append(f"{who} learning rate {float(s['chosen']):.2g}, chosen by a sweep on development cases "
                      f"({s['where']}; never a test fold): mean Dice per learning rate {tried}."
-                     + sweep_edge_warning(s["lrs"], s["chosen"]))
+                     + sweep_edge_warning(s["lrs"], s["chosen"], s["dice"]))
     return "\n\n".join(lines)
 
 
-def sweep_edge_warning(lrs: list[float], chosen: float) -> str:
-    """A sentence when the chosen learning rate is the largest or smallest candidate (the optimum may lie beyond)."""
-    lrs = sorted(float(x) for x in lrs)
-    if len(lrs) < 2 or float(chosen) not in (lrs[0], lrs[-1]):
+def sweep_edge_warning(lrs: list[float], chosen: float, scores: list[float]) -> str:
+    """A sentence when the largest or smallest candidate won on a higher score than every other candidate (the
+    optimum may lie beyond the grid); nothing when it won by the tie-break or the scores are NaN."""
+    pairs = sorted((float(lr), float(d)) for lr, d in zip(lrs, scores))
+    if len(pairs) < 2 or float(chosen) not in (pairs[0][0], pairs[-1][0]):
         return ""
-    side, beyond = ("largest", "larger") if float(chosen) == lrs[-1] else ("smallest", "smaller")
+    best = dict(pairs)[float(chosen)]
+    if math.isnan(best) or not all(d < best for lr, d in pairs if lr != float(chosen)):
+        return ""
+    side, beyond = ("largest", "larger") if float(chosen) == pairs[-1][0] else ("smallest", "smaller")
     return (f" **The {side} candidate won: a {beyond} learning rate was not tried, so the optimum may lie beyond "
             f"the grid; extend `--lr-sweep`.**")
 

@@ -218,7 +218,8 @@ def apply_curves(x: Tensor, curves: Tensor) -> Tensor:
     """Map each view's intensities through its piecewise-linear curve over the view's own [min, max] range.
 
     ``u = (x - min) / (max - min)`` in [0, 1]; ``y = interp(u; knots, curves[n])``; returned as ``min + y (max -
-    min)``, so the intensity range is kept and the identity curve returns ``x`` up to rounding.
+    min)``, so the output stays inside the view's [min, max] (usually a narrower range, since the curve's end values
+    are random too) and the identity curve returns ``x`` up to rounding. One range over all channels.
     """
     n, k = x.shape[0], curves.shape[1]
     flat = x.reshape(n, -1)
