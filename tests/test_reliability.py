@@ -633,3 +633,58 @@ def test_a_bad_augmentation_setting_is_one_line(phantom_cache, tmp_path, capsys,
                         capsys)
     assert code == 2 and err == f"error: {where}: {problem}\n"
     assert not (tmp_path / "run").exists()
+
+
+_WORKER_SCRIPT = r'''
+import os, sys, time
+from pathlib import Path
+
+
+def nap(cache, folder, *, progress, log):
+    Path(folder, f"{os.getpid()}.pid").write_text("")
+    time.sleep(120)
+    return os.getpid(), []
+
+
+if __name__ == "__main__":
+    from volcontrast.bench.benchmark import _Workers
+    from volcontrast.data.cache import Cache
+
+    with _Workers(Cache(sys.argv[1]), 2) as workers:
+        for _ in workers.run([(nap, (sys.argv[2],)), (nap, (sys.argv[2],))], False, print):
+            pass
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_benchmark_workers_stop_when_the_benchmark_is_killed(phantom_cache, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "script.py").write_text(_WORKER_SCRIPT)
+    (tmp_path / "pids").mkdir()
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "script.py"), str(phantom_cache), str(tmp_path / "pids")])
+    try:
+        deadline = time.time() + 120  # two spawned workers import torch
+        while len(list((tmp_path / "pids").iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.stem) for p in (tmp_path / "pids").iterdir()]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGKILL)  # no handler can run: only the workers' own watch stops them
+        proc.wait()
+        deadline = time.time() + 30  # they look every 0.5 s
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        proc.kill()

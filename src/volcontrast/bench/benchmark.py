@@ -285,12 +285,17 @@ class _Workers:
 
             threads = max(1, torch.get_num_threads() // self.jobs)
             self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_worker_init, initargs=(str(self.cache_root), threads))
+                                            initializer=_worker_init,
+                                            initargs=(str(self.cache_root), threads, os.getpid()))
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.pool is None:
+            return
+        if exc_type is not None:  # interrupted or failed here: stop the runs in flight too (rerun: they restart)
+            for proc in list(getattr(self.pool, "_processes", {}).values()):
+                proc.terminate()
+        self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
 
     def run(self, tasks: list[tuple], progress: bool, log):
         if self.pool is None:
@@ -320,11 +325,21 @@ class _Workers:
 _WORKER: dict[str, Any] = {}  # a worker process's cache folder and its opened Cache
 
 
-def _worker_init(cache_root: str, threads: int) -> None:
+def _worker_init(cache_root: str, threads: int, parent: int) -> None:
+    import threading
+
     from volcontrast.utils.threads import configure_threads
 
     configure_threads(threads)
     _WORKER["root"] = cache_root
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """A worker whose benchmark process is gone (killed, even with SIGKILL) stops instead of running on orphaned."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _in_worker(fn, args: tuple):
