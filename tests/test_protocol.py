@@ -385,7 +385,7 @@ def test_cli_preset_with_config_and_option_overrides_and_unknown_preset(phantom_
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --preset: unknown benchmark preset 'nope'; choose one of cpu-protocol, cpu-study, cpu-study-ct, "
-        "gpu-study"]
+        "cpu-study-remap, gpu-study"]
     with pytest.raises(SystemExit) as exc:
         main(["benchmark", str(phantom_cache), "--out", str(tmp_path / "x"), "--methods", "scratch,pcl",
               "--lr-sweep", "1e-3,1e-2", "--lr-sweep-methods", "scratch,spade"])
