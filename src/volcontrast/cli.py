@@ -395,8 +395,9 @@ def benchmark(
     finetune_preset: str | None = typer.Option(None, "--finetune-preset"),
     transductive: bool = typer.Option(False, "--transductive", help="Pretrain on every image, test fold included."),
     preset: str | None = typer.Option(None, "--preset",
-                                      help="A packaged study: cpu-study (MR, ~100 min on 2 cores), cpu-study-ct, "
-                                           "cpu-protocol, gpu-study; --config and options override it."),
+                                      help="A packaged study: cpu-study (MR, ~55 min on 2 cores), cpu-study-remap, "
+                                           "cpu-study-ct, cpu-protocol, gpu-study; --config and options override "
+                                           "it."),
     config: Path | None = typer.Option(None, "--config", help="YAML with BenchmarkConfig fields."),
     jobs: int | None = typer.Option(None, "--jobs", min=1,
                                     help="Runs at once, each in its own process with 1/N of the threads (default 1, "
