@@ -134,7 +134,8 @@ def test_remap_curve_equals_numpy_interp_per_view():
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(5, 1, 6, 7, 8, generator=gen) * 3 + 1
-    curves = remap_curves(5, AugmentConfig(remap_prob=1.0, remap_points=3), gen)
+    curves, fired = remap_curves(5, AugmentConfig(remap_prob=1.0, remap_points=3), gen)
+    assert bool(fired.all())
     assert curves.shape == (5, 5)
     y = apply_curves(x, curves)
     for n in range(5):

@@ -38,7 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volcontrast.bench.report import CONVERGE_TOL, append_results, finished_cells, training_converged, write_report
+from volcontrast.bench.report import (
+    CONVERGE_TOL,
+    append_results,
+    finished_cells,
+    read_results,
+    training_converged,
+    write_report,
+)
 from volcontrast.config import merge, to_dict
 from volcontrast.data.cache import Cache
 from volcontrast.data.splits import kfold_splits, pretraining_pool
@@ -226,6 +233,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                 chosen(plan)
         # 3. the fine-tuning cells, scored on their test fold; rows appended as each cell finishes
         tasks = []
+        finished_lrs = lrs_by_method(results)
         for c in cells:
             init = "scratch" if c.name == "scratch" else str(_pretrain_dir(out, c.base, c.seed, c.pool))
             m_total = c.budget + config.val
@@ -233,7 +241,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                                                                   + (f"v{config.val}" if config.val else ""))
             ft_cfg = _finetune_config(config, init, c.budget, c.fold, c.seed, c.dim, c.variants,
                                       lr=method_lrs.get(c.label))
-            check_same_lr(results, c.label, finetune_loop_settings(ft_cfg).lr)
+            check_same_lr(results, c.label, finetune_loop_settings(ft_cfg).lr, finished_lrs)
             start = (f"[fold {c.fold} seed {c.seed}] fine-tune {c.label} with M={m_total} labelled volume(s)"
                      + (f" ({config.val} for validation)" if config.val else ""))
             tasks.append((_task_cell, (run, ft_cfg, config, c.label, c.fold, c.seed, init,
@@ -268,13 +276,14 @@ class _Cell:
 class _Workers:
     """Runs ``(function, args)`` tasks here (``jobs = 1``) or in ``jobs`` spawned processes; yields (index, result).
 
-    A task function takes ``(cache, *args, progress=..., log=...)`` and returns ``(result, log lines)``: run here it
-    logs as it goes (its lines list stays empty); in a worker its lines are collected and logged when it is done.
+    A task function takes ``(cache, *args, progress=..., log=...)`` and returns its result; ``run`` yields
+    ``(index, (result, log lines))``: run here a task logs as it goes (no lines), in a worker its lines are
+    collected and returned for the caller to log.
     When a worker's task fails, the other tasks still finish and are yielded; then the first error is raised.
     """
 
     def __init__(self, cache: Cache, jobs: int):
-        self.cache, self.cache_root, self.jobs, self.pool = cache, Path(cache.root), jobs, None
+        self.cache, self.jobs, self.pool = cache, jobs, None
 
     def __enter__(self) -> _Workers:
         if self.jobs > 1:
@@ -286,7 +295,7 @@ class _Workers:
             threads = max(1, torch.get_num_threads() // self.jobs)
             self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_worker_init,
-                                            initargs=(str(self.cache_root), threads, os.getpid()))
+                                            initargs=(str(self.cache.root), threads, os.getpid()))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -300,7 +309,7 @@ class _Workers:
     def run(self, tasks: list[tuple], progress: bool, log):
         if self.pool is None:
             for i, (fn, args) in enumerate(tasks):
-                yield i, fn(self.cache, *args, progress=progress, log=log)
+                yield i, (fn(self.cache, *args, progress=progress, log=log), [])
             return
         from concurrent.futures import as_completed
 
@@ -346,26 +355,25 @@ def _in_worker(fn, args: tuple):
     if "cache" not in _WORKER:
         _WORKER["cache"] = Cache(_WORKER["root"])
     lines: list[str] = []
-    result, _ = fn(_WORKER["cache"], *args, progress=False, log=lines.append)
-    return result, lines
+    return fn(_WORKER["cache"], *args, progress=False, log=lines.append), lines
 
 
 def _task_pretrain(cache: Cache, run: Path, config: BenchmarkConfig, name: str, dim: int, seed: int,
-                   pool: list[str], *, progress: bool, log) -> tuple[Path, list[str]]:
-    return _pretrain_cell(cache, run, config, name, dim, seed, pool, progress, log), []
+                   pool: list[str], *, progress: bool, log) -> Path:
+    return _pretrain_cell(cache, run, config, name, dim, seed, pool, progress, log)
 
 
 def _task_sweep_run(cache: Cache, run: Path, cfg, dev: list[str], start: str, *, progress: bool,
-                    log) -> tuple[float, list]:
+                    log) -> float:
     if run.exists():
         shutil.rmtree(run)
     log(start)
     finetune(cache, run, cfg, progress=progress)
-    return evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"], []
+    return evaluate(run, cache, checkpoint="last", cases=dev, progress=False)["aggregate"]["mean_dice"]
 
 
 def _task_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label: str, fold: int, seed: int,
-               init: str, pool: str, start: str, *, progress: bool, log) -> tuple[list[dict[str, Any]], list]:
+               init: str, pool: str, start: str, *, progress: bool, log) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     if run.exists():
         shutil.rmtree(run)  # an unfinished cell: start it again
@@ -374,7 +382,7 @@ def _task_cell(cache: Cache, run: Path, ft_cfg, config: BenchmarkConfig, label: 
     rows = _score_cell(cache, run, ft_cfg, config, label, fold, seed, init, pool)
     for r in rows:
         r["seconds"] = round(time.perf_counter() - t0, 1)
-    return rows, []
+    return rows
 
 
 # fields that only add cells to a benchmark folder (more methods, budgets, seeds, folds) or are guarded by their
@@ -407,16 +415,23 @@ def check_same_settings(out: Path, config: BenchmarkConfig, cache: Cache) -> Non
                                f"{json.dumps(new[key])}; its finished runs would mix both settings: use a new --out")
 
 
-def check_same_lr(results: Path, label: str, lr: float) -> None:
-    """Refuse to fine-tune new ``label`` cells at another learning rate than its finished cells in ``results``.
+def lrs_by_method(results: Path) -> dict[str, set[float]]:
+    """The fine-tuning learning rates of each method's finished rows in ``results.csv``."""
+    out: dict[str, set[float]] = {}
+    for r in read_results(results) if results.is_file() else []:
+        if not math.isnan(r["lr"]):
+            out.setdefault(r["method"], set()).add(r["lr"])
+    return out
+
+
+def check_same_lr(results: Path, label: str, lr: float, finished: dict[str, set[float]]) -> None:
+    """Refuse to fine-tune new ``label`` cells at another learning rate than its finished cells (``finished``:
+    :func:`lrs_by_method` of ``results``).
 
     Budgets, seeds and explicit learning rates only add cells, but they can move a sweep's choice (its budgets,
     its starting pretraining) or set another rate; a table must not mix two rates for one method.
     """
-    if not results.is_file():
-        return
-    with open(results, newline="", encoding="utf-8") as f:
-        old = {float(r["lr"]) for r in csv.DictReader(f) if r.get("method") == label and r.get("lr")}
+    old = finished.get(label, set())
     if old and not any(math.isclose(lr, x, rel_tol=1e-9) for x in old):
         raise InputError(results, f"{label}'s finished cells were fine-tuned at learning rate {min(old):g}, the new "
                                   f"ones would be at {lr:g} (another sweep choice or --scratch-lr); use a new --out")
@@ -537,7 +552,7 @@ def sweep_lr(cache: Cache, out: Path, config: BenchmarkConfig, *, progress: bool
     """
     plan = _SweepPlan.make(cache, out, config, label, init, config.dim if dim is None else dim, variants, log)
     for i, (run, cfg, start) in enumerate(plan.runs):
-        plan.dice[i], _ = _task_sweep_run(cache, run, cfg, plan.dev, start, progress=progress, log=log)
+        plan.dice[i] = _task_sweep_run(cache, run, cfg, plan.dev, start, progress=progress, log=log)
     return plan.choose(log)
 
 

@@ -201,8 +201,9 @@ def sample_views(boxes: Tensor, voxel_to_box: Tensor, crop_size: tuple[int, ...]
     return F.grid_sample(boxes, grid.to(boxes.dtype), mode=mode, padding_mode="border", align_corners=True)
 
 
-def remap_curves(n: int, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
-    """(n, remap_points + 2) curve values at the evenly spaced knots 0, 1/(K+1), ..., 1; identity where not fired.
+def remap_curves(n: int, cfg: AugmentConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(n, remap_points + 2) curve values at the evenly spaced knots 0, 1/(K+1), ..., 1 (identity where not fired),
+    and the (n,) fired mask.
 
     Drawn only when ``remap_prob > 0``, so configurations without it keep their random stream.
     """
@@ -211,7 +212,8 @@ def remap_curves(n: int, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     values = torch.rand(n, k, generator=gen, dtype=torch.float64)
     if cfg.remap_monotone:
         values = values.sort(dim=1).values
-    return torch.where(_fires(n, cfg.remap_prob, gen)[:, None], values, identity)
+    fired = _fires(n, cfg.remap_prob, gen)
+    return torch.where(fired[:, None], values, identity), fired
 
 
 def apply_curves(x: Tensor, curves: Tensor) -> Tensor:
@@ -240,8 +242,8 @@ def intensity_augment(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> tu
     dev = x.device
     extra: dict[str, Tensor] = {}
     if cfg.remap_prob > 0:
-        extra["remap"] = curves = remap_curves(n, cfg, gen)
-        fired = (curves != torch.linspace(0.0, 1.0, curves.shape[1], dtype=torch.float64)).any(dim=1)
+        curves, fired = remap_curves(n, cfg, gen)
+        extra["remap"] = curves
         if bool(fired.any()):
             x = torch.where(fired.to(dev).view((n,) + (1,) * (x.ndim - 1)), apply_curves(x, curves), x)
     def draw(p: float, lo: float, hi: float, neutral: float) -> Tensor:
