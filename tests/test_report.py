@@ -198,3 +198,82 @@ def test_sweep_edge_warning_names_the_edge(lrs, chosen, scores, want):
 
     got = sweep_edge_warning(lrs, chosen, scores)
     assert got.startswith(want) and (want != "" or got == "")
+
+
+# ------------------------------------------------------------------------- compare: two benchmark folders
+
+
+def _arm_rows(method, seeds, cases, rng, at=1.0):
+    return [{"method": method, "labeled": 1, "val": 0, "fold": fold, "seed": seed, "at": at, "step": 10,
+             "case": f"{c}f{fold}", "dice": float(rng.uniform(0.2, 0.9)), "hd95": float(rng.uniform(2, 30)),
+             "n_test": len(cases), "checkpoint": "last", "lr": 1e-2, "train_dice": 0.8, "converged": 1.0,
+             "pretrain_run": "", "finetune_run": "r", "seconds": 1.0, "pool": "transductive"}
+            for fold in (0, 1) for seed in seeds for c in cases]
+
+
+def test_compare_folders_equals_direct_pairing(tmp_path, rng):
+    from volcontrast.bench.report import bootstrap_ci, compare_folders
+
+    a_rows = _arm_rows("pcl", (0, 1), ("c1", "c2", "c3"), rng)
+    b_rows = _arm_rows("scratch", (0,), ("c1", "c2", "c3", "c4"), rng)  # seed 1 and c4 have no partner
+    b_rows[0]["dice"] = math.nan  # an unscored case drops out of the pairing
+    append_results(tmp_path / "a" / "results.csv", a_rows)
+    append_results(tmp_path / "b" / "results.csv", b_rows)
+    [rec] = compare_folders(tmp_path / "a", "pcl", tmp_path / "b", "scratch")
+    va = {(r["fold"], r["seed"], r["case"]): r["dice"] for r in a_rows}
+    vb = {(r["fold"], r["seed"], r["case"]): r["dice"] for r in b_rows}
+    keys = sorted(k for k in set(va) & set(vb) if not math.isnan(vb[k]))
+    assert len(keys) == 2 * 3 - 1
+    d = np.array([va[k] - vb[k] for k in keys])
+    assert rec["n"] == d.size and rec["diff"] == pytest.approx(d.mean(), abs=1e-12)
+    assert (rec["lo"], rec["hi"]) == bootstrap_ci(d)
+    assert rec["mean_a"] == pytest.approx(np.mean([va[k] for k in keys]), abs=1e-12)
+    assert rec["mean_b"] == pytest.approx(np.mean([vb[k] for k in keys]), abs=1e-12)
+    assert (rec["wins"], rec["losses"]) == (int((d > 0).sum()), int((d < 0).sum()))
+    assert rec["folds"] == [0, 1] and rec["seeds"] == [0] and rec["budget"] == (1, 0)
+
+
+def _cli(args, capsys):
+    from volcontrast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(x) for x in args])
+    return exc.value.code, capsys.readouterr()
+
+
+def test_compare_cli_table_and_one_line_errors(tmp_path, rng, capsys):
+    import json
+
+    from volcontrast.bench.report import compare_folders
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    append_results(a / "results.csv", _arm_rows("pcl", (0,), ("c1", "c2"), rng))
+    append_results(b / "results.csv", _arm_rows("scratch", (0,), ("c1", "c2"), rng))
+    code, res = _cli(["compare", f"{a}:pcl", f"{b}:scratch"], capsys)
+    assert code == 0
+    [rec] = compare_folders(a, "pcl", b, "scratch")
+    lines = res.out.splitlines()
+    assert lines[0].startswith(f"| budget | A: {a}:pcl | B: {b}:scratch | Δ = A − B | 95% CI |")
+    assert lines[2] == (f"| M=1 | {rec['mean_a']:.3f} | {rec['mean_b']:.3f} | {rec['diff']:+.3f} | "
+                        f"[{rec['lo']:+.3f}, {rec['hi']:+.3f}] | {rec['wins']} / {rec['losses']} | 4 | "
+                        f"{rec['verdict']} |")
+    code, res = _cli(["compare", f"{a}:simclr", f"{b}:scratch"], capsys)
+    assert code == 2
+    assert res.err == f"error: {a}: no results of method 'simclr' at 1 of the steps (methods here: pcl)\n"
+    code, res = _cli(["compare", str(a), f"{b}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {a}: expected FOLDER:METHOD, e.g. bench/study:pcl\n")
+    code, res = _cli(["compare", f"{a}:pcl", f"{tmp_path / 'c'}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {tmp_path / 'c' / 'results.csv'}: results file not found\n")
+    code, res = _cli(["compare", f"{a}:pcl", f"{b}:scratch", "--at", "0.3"], capsys)
+    assert code == 2 and "no results of method 'pcl' at 0.3 of the steps" in res.err
+    # other folds / seeds only: nothing to pair
+    append_results(tmp_path / "d" / "results.csv", _arm_rows("scratch", (5,), ("c1", "c2"), rng))
+    code, res = _cli(["compare", f"{a}:pcl", f"{tmp_path / 'd'}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {tmp_path / 'd'}: no test case in common with {a} (same budget, fold, "
+                                  "seed and case, both scored)\n")
+    # another split: the same (fold, seed) would be other test cases and labelled draws
+    (a / "benchmark.json").write_text(json.dumps({"folds": 3, "split_seed": 0}))
+    (b / "benchmark.json").write_text(json.dumps({"folds": 4, "split_seed": 0}))
+    code, res = _cli(["compare", f"{a}:pcl", f"{b}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {b / 'benchmark.json'}: folds = 4 here but 3 in {a / 'benchmark.json'}: "
+                                  "the folds or labelled draws differ, so the test cases cannot be paired\n")

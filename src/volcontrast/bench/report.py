@@ -649,3 +649,92 @@ def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, 
     ])
     md = atomic_write_text(out / "results.md", text)
     return md, png
+
+
+# ------------------------------------------------------------------------------------- across two benchmark folders
+
+SPLIT_FIELDS = ("folds", "split_seed")  # benchmark.json fields that fix the test folds and the labelled draws
+
+
+def _folder_rows(folder: Path) -> list[Mapping[str, Any]]:
+    csv_path = folder / "results.csv" if folder.is_dir() or not folder.suffix else folder
+    return latest_rows(read_results(csv_path))
+
+
+def _split_settings(folder: Path) -> tuple[Path, dict[str, Any]] | None:
+    p = (folder if folder.is_dir() else folder.parent) / "benchmark.json"
+    if not p.is_file():
+        return None
+    try:
+        cfg = read_json(p)
+    except (OSError, ValueError) as exc:
+        raise InputError(p, f"not readable JSON ({exc})") from None
+    return p, {k: cfg.get(k) for k in SPLIT_FIELDS}
+
+
+def compare_folders(a: str | os.PathLike, method_a: str, b: str | os.PathLike, method_b: str, *, at: float = 1.0,
+                    metric: str = "dice", n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> list[dict[str, Any]]:
+    """Paired difference of ``method_a`` in benchmark folder ``a`` against ``method_b`` in folder ``b`` (two arms
+    of a study run into separate folders, e.g. with and without an augmentation), per label budget both have.
+
+    Units are (fold, seed, test case) present in both at point ``at`` — the same pairing as ``results.md``:
+    d = metric(A) − metric(B), mean, bootstrap CI (:func:`bootstrap_ci`), wins/losses, verdict. The folders must
+    share the split settings (``folds``, ``split_seed`` in their ``benchmark.json``, when both have one), so that
+    a (fold, seed) is the same test fold and labelled draw in both.
+
+    Returns:
+        One record per budget: ``budget``, ``mean_a``, ``mean_b`` (over the paired units), ``diff``, ``lo``,
+        ``hi``, ``wins``, ``losses``, ``n``, ``folds``, ``seeds``, ``verdict``.
+
+    Raises:
+        InputError: a results.csv is missing or unreadable, a method has no rows at ``at``, the split settings
+            differ, or the two share no (fold, seed, case).
+    """
+    pa, pb = Path(a), Path(b)
+    sa, sb = _split_settings(pa), _split_settings(pb)
+    if sa and sb:
+        for k in SPLIT_FIELDS:
+            if sa[1][k] != sb[1][k]:
+                raise InputError(sb[0], f"{k} = {sb[1][k]!r} here but {sa[1][k]!r} in {sa[0]}: the folds or "
+                                        "labelled draws differ, so the test cases cannot be paired")
+    sides = []
+    for folder, method in ((pa, method_a), (pb, method_b)):
+        rows = _folder_rows(folder)
+        mine = [r for r in rows if str(r["method"]) == method and math.isclose(float(r.get("at", 1.0)), at)]
+        if not mine:
+            have = ", ".join(dict.fromkeys(str(r["method"]) for r in rows)) or "none"
+            raise InputError(folder, f"no results of method {method!r} at {at:g} of the steps (methods here: "
+                                     f"{have})")
+        sides.append(mine)
+    _, budgets_a = _methods_and_budgets(sides[0])
+    _, budgets_b = _methods_and_budgets(sides[1])
+    out = []
+    for budget in [x for x in budgets_a if x in budgets_b]:
+        va = unit_values(sides[0], method_a, budget, at, metric)
+        vb = unit_values(sides[1], method_b, budget, at, metric)
+        keys = [k for k in sorted(set(va) & set(vb)) if not (math.isnan(va[k]) or math.isnan(vb[k]))]
+        if not keys:
+            continue
+        d = np.asarray([va[k] - vb[k] for k in keys], dtype=float)
+        lo, hi = bootstrap_ci(d, n_boot, seed)
+        out.append({"budget": budget, "mean_a": float(np.mean([va[k] for k in keys])),
+                    "mean_b": float(np.mean([vb[k] for k in keys])), "diff": float(d.mean()), "lo": lo, "hi": hi,
+                    "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(d.size),
+                    "folds": sorted({k[0] for k in keys}), "seeds": sorted({k[1] for k in keys}),
+                    "verdict": gain_label(lo, hi)})
+    if not out:
+        raise InputError(pb, f"no test case in common with {pa} (same budget, fold, seed and case, both scored)")
+    return out
+
+
+def compare_table(records: Sequence[Mapping[str, Any]], label_a: str, label_b: str, digits: int = 3) -> str:
+    """Markdown table of :func:`compare_folders` records (A = ``label_a``, B = ``label_b``)."""
+    lines = [f"| budget | A: {label_a} | B: {label_b} | Δ = A − B | 95% CI | wins / losses | n (cases × folds × "
+             "seeds) | verdict |", "|---|---:|---:|---:|---|---:|---:|---|"]
+    for r in records:
+        ci = "—" if math.isnan(r["lo"]) else f"[{r['lo']:+.{digits}f}, {r['hi']:+.{digits}f}]"
+        scope = " (one fold)" if len(r["folds"]) == 1 else ""
+        lines.append(f"| {budget_label(r['budget'])} | {r['mean_a']:.{digits}f} | {r['mean_b']:.{digits}f} | "
+                     f"{r['diff']:+.{digits}f} | {ci} | {r['wins']} / {r['losses']} | {r['n']}{scope} | "
+                     f"{r['verdict']} |")
+    return "\n".join(lines) + "\n"
