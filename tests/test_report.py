@@ -277,3 +277,7 @@ def test_compare_cli_table_and_one_line_errors(tmp_path, rng, capsys):
     code, res = _cli(["compare", f"{a}:pcl", f"{b}:scratch"], capsys)
     assert (code, res.err) == (2, f"error: {b / 'benchmark.json'}: folds = 4 here but 3 in {a / 'benchmark.json'}: "
                                   "the folds or labelled draws differ, so the test cases cannot be paired\n")
+    (b / "benchmark.json").write_text("[3, 0]")
+    code, res = _cli(["compare", f"{a}:pcl", f"{b}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {b / 'benchmark.json'}: not a benchmark settings file (expected a JSON "
+                                  "object)\n")

@@ -669,10 +669,9 @@ def _split_settings(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     p = (folder if folder.is_dir() else folder.parent) / "benchmark.json"
     if not p.is_file():
         return None
-    try:
-        cfg = read_json(p)
-    except (OSError, ValueError) as exc:
-        raise InputError(p, f"not readable JSON ({exc})") from None
+    cfg = read_json(p)  # InputError when not valid JSON
+    if not isinstance(cfg, dict):
+        raise InputError(p, "not a benchmark settings file (expected a JSON object)")
     return p, {k: cfg.get(k) for k in SPLIT_FIELDS}
 
 
