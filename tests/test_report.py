@@ -214,23 +214,32 @@ def _arm_rows(method, seeds, cases, rng, at=1.0):
 def test_compare_folders_equals_direct_pairing(tmp_path, rng):
     from volcontrast.bench.report import bootstrap_ci, compare_folders
 
-    a_rows = _arm_rows("pcl", (0, 1), ("c1", "c2", "c3"), rng)
-    b_rows = _arm_rows("scratch", (0,), ("c1", "c2", "c3", "c4"), rng)  # seed 1 and c4 have no partner
-    b_rows[0]["dice"] = math.nan  # an unscored case drops out of the pairing
+    a_rows = _arm_rows("pcl", (0, 1), ("c1", "c2", "c3"), rng) + _arm_rows("pcl", (0, 1), ("c1", "c2", "c3"), rng,
+                                                                            at=0.3)
+    b_rows = (_arm_rows("scratch", (0,), ("c1", "c2", "c3"), rng)  # seed 1 has no partner
+              + _arm_rows("scratch", (0,), ("c1", "c2", "c3"), rng, at=0.3))
+    b_rows[0]["dice"] = math.nan  # an unscored case on either side drops out of the pairing
+    a_rows[2]["dice"] = math.nan
+    four = [dict(r, labeled=4) for r in b_rows[:3]]  # a budget only B has
     append_results(tmp_path / "a" / "results.csv", a_rows)
-    append_results(tmp_path / "b" / "results.csv", b_rows)
-    [rec] = compare_folders(tmp_path / "a", "pcl", tmp_path / "b", "scratch")
-    va = {(r["fold"], r["seed"], r["case"]): r["dice"] for r in a_rows}
-    vb = {(r["fold"], r["seed"], r["case"]): r["dice"] for r in b_rows}
-    keys = sorted(k for k in set(va) & set(vb) if not math.isnan(vb[k]))
-    assert len(keys) == 2 * 3 - 1
-    d = np.array([va[k] - vb[k] for k in keys])
-    assert rec["n"] == d.size and rec["diff"] == pytest.approx(d.mean(), abs=1e-12)
-    assert (rec["lo"], rec["hi"]) == bootstrap_ci(d)
-    assert rec["mean_a"] == pytest.approx(np.mean([va[k] for k in keys]), abs=1e-12)
-    assert rec["mean_b"] == pytest.approx(np.mean([vb[k] for k in keys]), abs=1e-12)
-    assert (rec["wins"], rec["losses"]) == (int((d > 0).sum()), int((d < 0).sum()))
-    assert rec["folds"] == [0, 1] and rec["seeds"] == [0] and rec["budget"] == (1, 0)
+    append_results(tmp_path / "b" / "results.csv", b_rows + four)
+    notes = []
+    for at in (1.0, 0.3):
+        [rec] = compare_folders(tmp_path / "a" / "results.csv", "pcl", tmp_path / "b", "scratch", at=at,
+                                log=notes.append)
+        va = {(r["fold"], r["seed"], r["case"]): r["dice"] for r in a_rows if r["at"] == at}
+        vb = {(r["fold"], r["seed"], r["case"]): r["dice"] for r in b_rows if r["at"] == at}
+        keys = sorted(k for k in set(va) & set(vb) if not math.isnan(va[k] - vb[k]))
+        assert len(keys) == 2 * 3 - (2 if at == 1.0 else 0)
+        d = np.array([va[k] - vb[k] for k in keys])
+        assert rec["n"] == d.size and rec["diff"] == pytest.approx(d.mean(), abs=1e-12)
+        assert (rec["lo"], rec["hi"]) == bootstrap_ci(d)
+        assert rec["mean_a"] == pytest.approx(np.mean([va[k] for k in keys]), abs=1e-12)
+        assert rec["mean_b"] == pytest.approx(np.mean([vb[k] for k in keys]), abs=1e-12)
+        assert (rec["wins"], rec["losses"]) == (int((d > 0).sum()), int((d < 0).sum()))
+        assert rec["folds"] == [0, 1] and rec["seeds"] == [0] and rec["budget"] == (1, 0)
+    # the B-only budget exists at the end only (at 1), not at 0.3
+    assert notes == [f"{tmp_path / 'b' / 'results.csv'}: M=4 has no counterpart in the other folder, left out"]
 
 
 def _cli(args, capsys):
@@ -253,24 +262,35 @@ def test_compare_cli_table_and_one_line_errors(tmp_path, rng, capsys):
     assert code == 0
     [rec] = compare_folders(a, "pcl", b, "scratch")
     lines = res.out.splitlines()
-    assert lines[0].startswith(f"| budget | A: {a}:pcl | B: {b}:scratch | Δ = A − B | 95% CI |")
+    assert lines[0].startswith(f"| budget | A: {a}:pcl | B: {b}:scratch | Δ Dice = A − B | 95% CI |")
     assert lines[2] == (f"| M=1 | {rec['mean_a']:.3f} | {rec['mean_b']:.3f} | {rec['diff']:+.3f} | "
                         f"[{rec['lo']:+.3f}, {rec['hi']:+.3f}] | {rec['wins']} / {rec['losses']} | 4 | "
                         f"{rec['verdict']} |")
     code, res = _cli(["compare", f"{a}:simclr", f"{b}:scratch"], capsys)
     assert code == 2
-    assert res.err == f"error: {a}: no results of method 'simclr' at 1 of the steps (methods here: pcl)\n"
-    code, res = _cli(["compare", str(a), f"{b}:scratch"], capsys)
-    assert (code, res.err) == (2, f"error: {a}: expected FOLDER:METHOD, e.g. bench/study:pcl\n")
+    assert res.err == (f"error: {a / 'results.csv'}: no results of method 'simclr' at 1 of the steps (methods here: "
+                       "pcl)\n")
+    for spec in (str(a), f"{a}:", f"{tmp_path}:a/pcl"):
+        code, res = _cli(["compare", spec, f"{b}:scratch"], capsys)
+        assert (code, res.err) == (2, f"error: {spec}: expected FOLDER:METHOD, e.g. bench/study:pcl\n")
     code, res = _cli(["compare", f"{a}:pcl", f"{tmp_path / 'c'}:scratch"], capsys)
     assert (code, res.err) == (2, f"error: {tmp_path / 'c' / 'results.csv'}: results file not found\n")
     code, res = _cli(["compare", f"{a}:pcl", f"{b}:scratch", "--at", "0.3"], capsys)
-    assert code == 2 and "no results of method 'pcl' at 0.3 of the steps" in res.err
-    # other folds / seeds only: nothing to pair
-    append_results(tmp_path / "d" / "results.csv", _arm_rows("scratch", (5,), ("c1", "c2"), rng))
-    code, res = _cli(["compare", f"{a}:pcl", f"{tmp_path / 'd'}:scratch"], capsys)
-    assert (code, res.err) == (2, f"error: {tmp_path / 'd'}: no test case in common with {a} (same budget, fold, "
-                                  "seed and case, both scored)\n")
+    assert (code, res.err) == (2, f"error: {a / 'results.csv'}: no results of method 'pcl' at 0.3 of the steps "
+                                  "(methods here: pcl)\n")
+    # other seeds only: nothing to pair
+    d = tmp_path / "d"
+    append_results(d / "results.csv", _arm_rows("scratch", (5,), ("c1", "c2"), rng))
+    code, res = _cli(["compare", f"{a}:pcl", f"{d}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {d / 'results.csv'}: no scored test case in common with "
+                                  f"{a / 'results.csv'} (same budget, fold, seed and case)\n")
+    # another cohort: the same fold holds other test cases
+    e = tmp_path / "e"
+    append_results(e / "results.csv", _arm_rows("scratch", (0,), ("c1", "x2"), rng))
+    code, res = _cli(["compare", f"{a}:pcl", f"{e}:scratch"], capsys)
+    assert (code, res.err) == (2, f"error: {e / 'results.csv'}: fold 0's test cases differ from "
+                                  f"{a / 'results.csv'}'s (e.g. 'c2f0'): another cohort or split, so the test cases "
+                                  "cannot be paired\n")
     # another split: the same (fold, seed) would be other test cases and labelled draws
     (a / "benchmark.json").write_text(json.dumps({"folds": 3, "split_seed": 0}))
     (b / "benchmark.json").write_text(json.dumps({"folds": 4, "split_seed": 0}))

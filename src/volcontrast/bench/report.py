@@ -46,7 +46,7 @@ import io
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -319,9 +319,26 @@ def paired_differences(rows: Iterable[Mapping[str, Any]], method: str, baseline:
     that key; units where either value is NaN are left out."""
     a = unit_values(rows, method, budget, at, metric)
     b = unit_values(rows, baseline, budget, at, metric)
-    d = [a[k] - b[k] for k in sorted(set(a) & set(b))]
-    d = np.asarray(d, dtype=float)
-    return d[~np.isnan(d)]
+    return np.asarray([a[k] - b[k] for k in _paired_keys(a, b)], dtype=float)
+
+
+def _paired_keys(a: Mapping[tuple, float], b: Mapping[tuple, float]) -> list[tuple]:
+    """Units present in both with a value in both, sorted (the order the bootstrap resamples)."""
+    return [k for k in sorted(set(a) & set(b)) if not (math.isnan(a[k]) or math.isnan(b[k]))]
+
+
+def _paired_record(a: Mapping[tuple, float], b: Mapping[tuple, float], n_boot: int, seed: int) -> dict[str, Any]:
+    """Paired statistics of ``a − b`` over their common (fold, seed, case) units: ``mean_a``, ``mean_b`` (over those
+    units), ``diff``, ``lo``/``hi`` (:func:`bootstrap_ci`), ``wins``/``losses``, ``n``, ``folds``, ``seeds``,
+    ``verdict``."""
+    keys = _paired_keys(a, b)
+    d = np.asarray([a[k] - b[k] for k in keys], dtype=float)
+    lo, hi = bootstrap_ci(d, n_boot, seed)
+    means = [float(np.mean([v[k] for k in keys])) if keys else math.nan for v in (a, b)]
+    return {"mean_a": means[0], "mean_b": means[1], "diff": float(d.mean()) if d.size else math.nan, "lo": lo,
+            "hi": hi, "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(d.size),
+            "folds": sorted({k[0] for k in keys}), "seeds": sorted({k[1] for k in keys}),
+            "verdict": gain_label(lo, hi)}
 
 
 def bootstrap_ci(d: np.ndarray, n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
@@ -352,8 +369,9 @@ def gain_label(lo: float, hi: float) -> str:
 def paired_stats(rows: Sequence[Mapping[str, Any]], at: float = 1.0, metric: str = "dice",
                  n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> list[dict[str, Any]]:
     """One record per (non-scratch method, budget) with a scratch baseline: ``method``, ``budget``,
-    ``baseline``, ``mean`` (the method's), ``diff`` (mean paired difference), ``lo``/``hi`` (bootstrap CI),
-    ``wins``/``losses`` (units with d > 0 / < 0), ``n`` (units), ``folds``, ``seeds``, ``verdict``."""
+    ``baseline``, ``mean`` (the method's, over all its units), and :func:`_paired_record`'s ``diff`` (mean paired
+    difference), ``lo``/``hi`` (bootstrap CI), ``wins``/``losses`` (units with d > 0 / < 0), ``n`` (units),
+    ``folds``, ``seeds`` (of the paired units), ``verdict``."""
     rows = latest_rows(rows)
     methods, budgets = _methods_and_budgets(rows)
     stats = cell_stats(rows, metric, at)
@@ -365,16 +383,9 @@ def paired_stats(rows: Sequence[Mapping[str, Any]], at: float = 1.0, metric: str
         for b in budgets:
             if (method, b) not in stats:
                 continue
-            d = paired_differences(rows, method, base, b, at, metric)
-            keys = set(unit_values(rows, method, b, at, metric)) & set(unit_values(rows, base, b, at, metric))
-            lo, hi = bootstrap_ci(d, n_boot, seed)
-            out.append({
-                "method": method, "budget": b, "baseline": base, "mean": stats[(method, b)][0],
-                "diff": float(d.mean()) if d.size else math.nan, "lo": lo, "hi": hi,
-                "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(d.size),
-                "folds": sorted({k[0] for k in keys}), "seeds": sorted({k[1] for k in keys}),
-                "verdict": gain_label(lo, hi),
-            })
+            rec = _paired_record(unit_values(rows, method, b, at, metric), unit_values(rows, base, b, at, metric),
+                                 n_boot, seed)
+            out.append({"method": method, "budget": b, "baseline": base, "mean": stats[(method, b)][0], **rec})
     return out
 
 
@@ -660,13 +671,13 @@ def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, 
 SPLIT_FIELDS = ("folds", "split_seed")  # benchmark.json fields that fix the test folds and the labelled draws
 
 
-def _folder_rows(folder: Path) -> list[Mapping[str, Any]]:
-    csv_path = folder / "results.csv" if folder.is_dir() or not folder.suffix else folder
-    return latest_rows(read_results(csv_path))
+def _results_path(arm: Path) -> Path:
+    """``arm`` itself when it names a .csv file, else ``arm/results.csv``."""
+    return arm if arm.suffix == ".csv" else arm / "results.csv"
 
 
-def _split_settings(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    p = (folder if folder.is_dir() else folder.parent) / "benchmark.json"
+def _split_settings(csv_path: Path) -> tuple[Path, dict[str, Any]] | None:
+    p = csv_path.parent / "benchmark.json"
     if not p.is_file():
         return None
     cfg = read_json(p)  # InputError when not valid JSON
@@ -675,65 +686,75 @@ def _split_settings(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     return p, {k: cfg.get(k) for k in SPLIT_FIELDS}
 
 
-def compare_folders(a: str | os.PathLike, method_a: str, b: str | os.PathLike, method_b: str, *, at: float = 1.0,
-                    metric: str = "dice", n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> list[dict[str, Any]]:
-    """Paired difference of ``method_a`` in benchmark folder ``a`` against ``method_b`` in folder ``b`` (two arms
-    of a study run into separate folders, e.g. with and without an augmentation), per label budget both have.
+def _test_cases(rows: Iterable[Mapping[str, Any]]) -> dict[int, set[str]]:
+    out: dict[int, set[str]] = {}
+    for r in rows:
+        out.setdefault(int(r["fold"]), set()).add(str(r["case"]))
+    return out
 
-    Units are (fold, seed, test case) present in both at point ``at`` — the same pairing as ``results.md``:
-    d = metric(A) − metric(B), mean, bootstrap CI (:func:`bootstrap_ci`), wins/losses, verdict. The folders must
-    share the split settings (``folds``, ``split_seed`` in their ``benchmark.json``, when both have one), so that
-    a (fold, seed) is the same test fold and labelled draw in both.
+
+def compare_folders(a: str | os.PathLike, method_a: str, b: str | os.PathLike, method_b: str, *, at: float = 1.0,
+                    n_boot: int = BOOTSTRAP, seed: int = BOOTSTRAP_SEED,
+                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Paired Dice difference of ``method_a`` in benchmark folder ``a`` against ``method_b`` in folder ``b`` (two
+    arms of a study run into separate folders, e.g. with and without an augmentation), per label budget both have.
+
+    ``a``/``b``: a benchmark ``--out`` folder or its ``results.csv``. Units are (fold, seed, test case) scored in
+    both at point ``at`` — the pairing of ``results.md``: d = Dice(A) − Dice(B), mean, bootstrap CI
+    (:func:`bootstrap_ci`), wins/losses, verdict. The two must be the same split: equal ``folds`` and
+    ``split_seed`` in their ``benchmark.json`` (when both have one) and, for every fold both have, the same test
+    cases (so a (fold, seed) is the same test fold and labelled draw in both). A budget only one of them has is
+    named through ``log``.
 
     Returns:
-        One record per budget: ``budget``, ``mean_a``, ``mean_b`` (over the paired units), ``diff``, ``lo``,
-        ``hi``, ``wins``, ``losses``, ``n``, ``folds``, ``seeds``, ``verdict``.
+        One record per common budget: ``budget`` and :func:`_paired_record`'s fields.
 
     Raises:
-        InputError: a results.csv is missing or unreadable, a method has no rows at ``at``, the split settings
-            differ, or the two share no (fold, seed, case).
+        InputError: a results.csv is missing or unreadable, a method has no rows at ``at``, the splits differ, or
+            the two share no scored (budget, fold, seed, case).
     """
-    pa, pb = Path(a), Path(b)
-    sa, sb = _split_settings(pa), _split_settings(pb)
+    paths = (_results_path(Path(a)), _results_path(Path(b)))
+    sides = []
+    for path, method in zip(paths, (method_a, method_b)):
+        rows = latest_rows(read_results(path))
+        mine = [r for r in rows if str(r["method"]) == method and math.isclose(float(r.get("at", 1.0)), at)]
+        if not mine:
+            have = ", ".join(dict.fromkeys(str(r["method"]) for r in rows)) or "none"
+            raise InputError(path, f"no results of method {method!r} at {at:g} of the steps (methods here: {have})")
+        sides.append(mine)
+    sa, sb = _split_settings(paths[0]), _split_settings(paths[1])
     if sa and sb:
         for k in SPLIT_FIELDS:
             if sa[1][k] != sb[1][k]:
                 raise InputError(sb[0], f"{k} = {sb[1][k]!r} here but {sa[1][k]!r} in {sa[0]}: the folds or "
                                         "labelled draws differ, so the test cases cannot be paired")
-    sides = []
-    for folder, method in ((pa, method_a), (pb, method_b)):
-        rows = _folder_rows(folder)
-        mine = [r for r in rows if str(r["method"]) == method and math.isclose(float(r.get("at", 1.0)), at)]
-        if not mine:
-            have = ", ".join(dict.fromkeys(str(r["method"]) for r in rows)) or "none"
-            raise InputError(folder, f"no results of method {method!r} at {at:g} of the steps (methods here: "
-                                     f"{have})")
-        sides.append(mine)
-    _, budgets_a = _methods_and_budgets(sides[0])
-    _, budgets_b = _methods_and_budgets(sides[1])
+    ca, cb = _test_cases(sides[0]), _test_cases(sides[1])
+    for fold in sorted(set(ca) & set(cb)):
+        if ca[fold] != cb[fold]:
+            raise InputError(paths[1], f"fold {fold}'s test cases differ from {paths[0]}'s (e.g. "
+                                       f"{sorted(ca[fold] ^ cb[fold])[0]!r}): another cohort or split, so the test "
+                                       "cases cannot be paired")
+    budgets = [_methods_and_budgets(rows)[1] for rows in sides]
+    for path, mine, other in ((paths[0], budgets[0], budgets[1]), (paths[1], budgets[1], budgets[0])):
+        for budget in mine:
+            if budget not in other and log:
+                log(f"{path}: {budget_label(budget)} has no counterpart in the other folder, left out")
     out = []
-    for budget in [x for x in budgets_a if x in budgets_b]:
-        va = unit_values(sides[0], method_a, budget, at, metric)
-        vb = unit_values(sides[1], method_b, budget, at, metric)
-        keys = [k for k in sorted(set(va) & set(vb)) if not (math.isnan(va[k]) or math.isnan(vb[k]))]
-        if not keys:
-            continue
-        d = np.asarray([va[k] - vb[k] for k in keys], dtype=float)
-        lo, hi = bootstrap_ci(d, n_boot, seed)
-        out.append({"budget": budget, "mean_a": float(np.mean([va[k] for k in keys])),
-                    "mean_b": float(np.mean([vb[k] for k in keys])), "diff": float(d.mean()), "lo": lo, "hi": hi,
-                    "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "n": int(d.size),
-                    "folds": sorted({k[0] for k in keys}), "seeds": sorted({k[1] for k in keys}),
-                    "verdict": gain_label(lo, hi)})
+    for budget in [x for x in budgets[0] if x in budgets[1]]:
+        rec = _paired_record(unit_values(sides[0], method_a, budget, at), unit_values(sides[1], method_b, budget, at),
+                             n_boot, seed)
+        if rec["n"]:
+            out.append({"budget": budget, **rec})
     if not out:
-        raise InputError(pb, f"no test case in common with {pa} (same budget, fold, seed and case, both scored)")
+        raise InputError(paths[1], f"no scored test case in common with {paths[0]} (same budget, fold, seed and "
+                                   "case)")
     return out
 
 
 def compare_table(records: Sequence[Mapping[str, Any]], label_a: str, label_b: str, digits: int = 3) -> str:
     """Markdown table of :func:`compare_folders` records (A = ``label_a``, B = ``label_b``)."""
-    lines = [f"| budget | A: {label_a} | B: {label_b} | Δ = A − B | 95% CI | wins / losses | n (cases × folds × "
-             "seeds) | verdict |", "|---|---:|---:|---:|---|---:|---:|---|"]
+    lines = [f"| budget | A: {label_a} | B: {label_b} | Δ Dice = A − B | 95% CI | wins / losses | n (cases × folds "
+             "× seeds) | verdict |", "|---|---:|---:|---:|---|---:|---:|---|"]
     for r in records:
         ci, scope = _ci_and_scope(r, digits)
         lines.append(f"| {budget_label(r['budget'])} | {r['mean_a']:.{digits}f} | {r['mean_b']:.{digits}f} | "
