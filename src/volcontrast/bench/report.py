@@ -389,9 +389,12 @@ def paired_stats(rows: Sequence[Mapping[str, Any]], at: float = 1.0, metric: str
     return out
 
 
-def _ci_and_scope(r: Mapping[str, Any], digits: int) -> tuple[str, str]:
+def _diff_cells(r: Mapping[str, Any], digits: int) -> str:
+    """The table cells both paired tables end with: Δ, CI, wins / losses, n (one fold marked), verdict."""
     ci = "—" if math.isnan(r["lo"]) else f"[{r['lo']:+.{digits}f}, {r['hi']:+.{digits}f}]"
-    return ci, " (one fold)" if len(r["folds"]) == 1 else ""
+    scope = " (one fold)" if len(r["folds"]) == 1 else ""
+    return (f"{r['diff']:+.{digits}f} | {ci} | {r['wins']} / {r['losses']} | {r['n']}{scope} | "
+            f"{r['verdict']} |")
 
 
 def paired_table(records: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
@@ -399,10 +402,8 @@ def paired_table(records: Sequence[Mapping[str, Any]], digits: int = 3) -> str:
     lines = ["| method | budget | mean Dice | Δ vs scratch | 95% CI | wins / losses | n (cases × folds × seeds) "
              "| verdict |", "|---|---|---:|---:|---|---:|---:|---|"]
     for r in records:
-        ci, scope = _ci_and_scope(r, digits)
         lines.append(f"| {r['method']} | {budget_label(r['budget'])} | {r['mean']:.{digits}f} | "
-                     f"{r['diff']:+.{digits}f} | {ci} | {r['wins']} / {r['losses']} | {r['n']}{scope} | "
-                     f"{r['verdict']} |")
+                     + _diff_cells(r, digits))
     return "\n".join(lines) + "\n"
 
 
@@ -756,8 +757,6 @@ def compare_table(records: Sequence[Mapping[str, Any]], label_a: str, label_b: s
     lines = [f"| budget | A: {label_a} | B: {label_b} | Δ Dice = A − B | 95% CI | wins / losses | n (cases × folds "
              "× seeds) | verdict |", "|---|---:|---:|---:|---|---:|---:|---|"]
     for r in records:
-        ci, scope = _ci_and_scope(r, digits)
         lines.append(f"| {budget_label(r['budget'])} | {r['mean_a']:.{digits}f} | {r['mean_b']:.{digits}f} | "
-                     f"{r['diff']:+.{digits}f} | {ci} | {r['wins']} / {r['losses']} | {r['n']}{scope} | "
-                     f"{r['verdict']} |")
+                     + _diff_cells(r, digits))
     return "\n".join(lines) + "\n"
