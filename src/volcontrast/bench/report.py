@@ -313,15 +313,6 @@ def baseline_of(method: str, methods: Iterable[str]) -> str | None:
     return None
 
 
-def paired_differences(rows: Iterable[Mapping[str, Any]], method: str, baseline: str, budget: Budget,
-                       at: float = 1.0, metric: str = "dice") -> np.ndarray:
-    """``metric(method) − metric(baseline)`` per (fold, seed, case) present for both (same labelled draw), sorted by
-    that key; units where either value is NaN are left out."""
-    a = unit_values(rows, method, budget, at, metric)
-    b = unit_values(rows, baseline, budget, at, metric)
-    return np.asarray([a[k] - b[k] for k in _paired_keys(a, b)], dtype=float)
-
-
 def _paired_keys(a: Mapping[tuple, float], b: Mapping[tuple, float]) -> list[tuple]:
     """Units present in both with a value in both, sorted (the order the bootstrap resamples)."""
     return [k for k in sorted(set(a) & set(b)) if not (math.isnan(a[k]) or math.isnan(b[k]))]
