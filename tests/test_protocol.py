@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from volcontrast.bench.benchmark import BenchmarkConfig, check_same_settings, run_benchmark, snapshot_steps
 from volcontrast.bench.report import (
@@ -270,6 +271,27 @@ def test_lr_sweep_for_every_method_gives_each_its_own_recorded_lr(phantom_cache,
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")}
     run_benchmark(phantom_cache, out, cfg, **QUIET)
     assert {p: p.stat().st_mtime_ns for p in (out / "runs" / "lr_sweep").rglob("model.safetensors")} == stamp
+
+
+def test_scratch_of_another_dimension_gets_its_own_sweep_in_that_dimension(phantom_cache, tmp_path):
+    # the default sweep (scratch only) tunes scratch@2d as a baseline of its own: its candidates run as 2D networks
+    # and its rows use its own choice; with no 3D scratch in the table, no 3D scratch is swept
+    cfg = BenchmarkConfig(methods=["scratch@2d"], labeled=[1], folds=2, run_folds=[1], seeds=[0],
+                          finetune_preset="cpu-tiny", finetune_steps=2, eval_at=[1.0], lr_sweep=[1e-3, 1e-2],
+                          finetune={"data": {"crop_size": [16, 16, 16]}, "log_every": 1})
+    out = tmp_path / "bench"
+    rows = read_results(run_benchmark(phantom_cache, out, cfg, **QUIET))
+    assert not (out / "lr_sweep.json").exists()
+    record = json.loads((out / "lr_sweep_scratch_2d.json").read_text())
+    assert record["method"] == "scratch@2d" and record["init"] == "scratch" and record["lrs"] == [1e-3, 1e-2]
+    runs = sorted((out / "runs" / "lr_sweep").iterdir())
+    assert [p.name for p in runs] == ["scratch@2d_lr0.001_M1", "scratch@2d_lr0.01_M1"]
+    assert {yaml.safe_load((p / "config.yaml").read_text())["dim"] for p in runs} == {2}
+    assert {r["lr"] for r in rows} == {record["chosen"]} and {r["method"] for r in rows} == {"scratch@2d"}
+    assert f"scratch@2d learning rate {record['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
+    # a fixed --scratch-lr applies to every scratch row: no sweep
+    fixed = read_results(run_benchmark(phantom_cache, tmp_path / "fixed", merge(cfg, {"scratch_lr": 3e-3}), **QUIET))
+    assert {r["lr"] for r in fixed} == {3e-3} and not (tmp_path / "fixed" / "runs" / "lr_sweep").exists()
 
 
 def test_new_cells_at_another_learning_rate_are_refused(phantom_cache, tmp_path):

@@ -184,10 +184,14 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
     # the methods whose learning rate a sweep chooses: scratch's on the first run fold with no pretraining, a
     # pretrained method's there too, starting from the first seed's pretraining (one choice per benchmark)
     sweep_pool = pretraining_pool(splits[folds[0]], cache.ids, config.transductive)
+    # scratch of another dimension or with variants (scratch@2d, scratch+pdcr) is a baseline of its own: it gets
+    # its own sweep and record, not the 3D scratch's learning rate (a fixed --scratch-lr applies to every scratch)
     swept = {}
     for c in cells:
-        if config.lr_sweep and c.name != "scratch" and _swept(config, c.label) and c.label not in swept:
+        if (config.lr_sweep and c.label != "scratch" and _swept(config, c.label) and c.label not in swept
+                and not (c.name == "scratch" and config.scratch_lr)):
             swept[c.label] = c
+    labels = {"+".join([n, *v]) + ("" if d == config.dim else f"@{d}d") for n, d, v in specs}
     with _Workers(cache, jobs) as workers:
         # 1. pretraining: one run per (method, seed, pool), shared by the folds with that pool
         pre: dict[Path, tuple] = {}
@@ -201,10 +205,10 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
                 log(line)
         # 2. learning-rate sweeps (scratch first); each choice is recorded as soon as its last run is scored
         plans = []
-        if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch"):
+        if config.lr_sweep and not config.scratch_lr and _swept(config, "scratch") and "scratch" in labels:
             plans.append(_SweepPlan.make(cache, out, config, "scratch", "scratch", config.dim, (), log))
         for label, c in swept.items():
-            init = str(_pretrain_dir(out, c.base, config.seeds[0], sweep_pool))
+            init = "scratch" if c.name == "scratch" else str(_pretrain_dir(out, c.base, config.seeds[0], sweep_pool))
             plans.append(_SweepPlan.make(cache, out, config, label, init, c.dim, c.variants, log))
         method_lrs: dict[str, float] = {}
 
@@ -442,8 +446,11 @@ def _pretrain_dir(out: Path, base: str, seed: int, pool: list[str]) -> Path:
 
 
 def _swept(config: BenchmarkConfig, label: str) -> bool:
-    """Whether the sweep chooses ``label``'s fine-tuning learning rate (``lr_sweep_methods``)."""
-    return "all" in config.lr_sweep_methods or label in config.lr_sweep_methods
+    """Whether the sweep chooses ``label``'s fine-tuning learning rate (``lr_sweep_methods``); a scratch row of
+    another dimension or with variants (``scratch@2d``, ``scratch+pdcr``) whenever scratch's is."""
+    scratch = label.partition("@")[0].partition("+")[0] == "scratch"
+    return ("all" in config.lr_sweep_methods or label in config.lr_sweep_methods
+            or (scratch and "scratch" in config.lr_sweep_methods))
 
 
 def _nanmean(values: list[float]) -> float:
@@ -457,7 +464,9 @@ def check_protocol(splits: list, folds: list[int], config: BenchmarkConfig) -> N
         raise InputError("--labeled", "needs label budgets >= 1")
     if config.val < 0:
         raise InputError("--val", f"validation volumes must be >= 0, got {config.val}")
-    unknown = [m for m in config.lr_sweep_methods if m != "all" and m not in config.methods]
+    scratch_rows = any(parse_method(m, config.dim)[0] == "scratch" for m in config.methods)
+    unknown = [m for m in config.lr_sweep_methods
+               if m != "all" and m not in config.methods and not (m == "scratch" and scratch_rows)]
     if unknown:
         raise InputError("--lr-sweep-methods", f"{unknown[0]!r} is not one of the benchmarked methods "
                                                f"({', '.join(config.methods)}) or all")
