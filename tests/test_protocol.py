@@ -288,7 +288,9 @@ def test_scratch_of_another_dimension_gets_its_own_sweep_in_that_dimension(phant
     assert [p.name for p in runs] == ["scratch@2d_lr0.001_M1", "scratch@2d_lr0.01_M1"]
     assert {yaml.safe_load((p / "config.yaml").read_text())["dim"] for p in runs} == {2}
     assert {r["lr"] for r in rows} == {record["chosen"]} and {r["method"] for r in rows} == {"scratch@2d"}
-    assert f"scratch@2d learning rate {record['chosen']:.2g}, chosen by a sweep" in (out / "results.md").read_text()
+    report = (out / "results.md").read_text()
+    assert f"scratch@2d learning rate {record['chosen']:.2g}, chosen by a sweep" in report
+    assert "Scratch learning rate" not in report  # no 3D scratch row, so no line about its learning rate
     # a fixed --scratch-lr applies to every scratch row: no sweep
     fixed = read_results(run_benchmark(phantom_cache, tmp_path / "fixed", merge(cfg, {"scratch_lr": 3e-3}), **QUIET))
     assert {r["lr"] for r in fixed} == {3e-3} and not (tmp_path / "fixed" / "runs" / "lr_sweep").exists()

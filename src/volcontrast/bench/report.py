@@ -553,10 +553,10 @@ def _pool_line(rows: Sequence[Mapping[str, Any]]) -> str:
     return "Pretraining pool: " + "; ".join(f"{p} = {text.get(p, p)}" for p in pools) + "."
 
 
-def _sweep_line(out: Path) -> str:
+def _sweep_line(out: Path, methods: Sequence[str] = ("scratch",)) -> str:
     p = out / "lr_sweep.json"
     lines = []
-    if not p.is_file():
+    if not p.is_file() and "scratch" in methods:
         lines.append("Scratch learning rate: the fine-tuning config's (no sweep recorded here).")
     for q in ([p] if p.is_file() else []) + sorted(out.glob("lr_sweep_*.json")):
         s = read_json(q)
@@ -620,7 +620,7 @@ def write_report(results_csv: str | os.PathLike, out_dir: str | os.PathLike, *, 
         "",
         _pool_line(rows),
         "",
-        _sweep_line(out),
+        _sweep_line(out, methods),
         "",
         "## Paired difference to scratch (end of fine-tuning)",
         "",
