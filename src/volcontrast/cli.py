@@ -395,7 +395,7 @@ def benchmark(
     finetune_preset: str | None = typer.Option(None, "--finetune-preset"),
     transductive: bool = typer.Option(False, "--transductive", help="Pretrain on every image, test fold included."),
     preset: str | None = typer.Option(None, "--preset",
-                                      help="A packaged study: cpu-study (MR, ~55 min on 2 cores), cpu-study-remap, "
+                                      help="A packaged study: cpu-study (MR, ~57 min on 2 cores), cpu-study-remap, "
                                            "cpu-study-ct, cpu-protocol, gpu-study; --config and options override "
                                            "it."),
     config: Path | None = typer.Option(None, "--config", help="YAML with BenchmarkConfig fields."),
