@@ -177,7 +177,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
         for seed in config.seeds:
             for name, dim, variants in specs:
                 base = name if dim == config.dim else f"{name}@{dim}d"
-                label = "+".join([name, *variants]) + ("" if dim == config.dim else f"@{dim}d")
+                label = _row_label(name, dim, variants, config.dim)
                 for budget in config.labeled:
                     if (label, budget + config.val, config.val, fold, seed) not in done:
                         cells.append(_Cell(fold, seed, name, dim, variants, base, label, budget, pool))
@@ -191,7 +191,7 @@ def run_benchmark(cache: str | os.PathLike | Cache, out: str | os.PathLike, conf
         if (config.lr_sweep and c.label != "scratch" and _swept(config, c.label) and c.label not in swept
                 and not (c.name == "scratch" and config.scratch_lr)):
             swept[c.label] = c
-    labels = {"+".join([n, *v]) + ("" if d == config.dim else f"@{d}d") for n, d, v in specs}
+    labels = {_row_label(name, dim, variants, config.dim) for name, dim, variants in specs}
     with _Workers(cache, jobs) as workers:
         # 1. pretraining: one run per (method, seed, pool), shared by the folds with that pool
         pre: dict[Path, tuple] = {}
@@ -445,12 +445,16 @@ def _pretrain_dir(out: Path, base: str, seed: int, pool: list[str]) -> Path:
     return out / "runs" / "pretrain" / f"{base}_seed{seed}_pool{stable_hash(pool)[:8]}"
 
 
+def _row_label(name: str, dim: int, variants: tuple[str, ...], default_dim: int) -> str:
+    """A results row's method label: ``pcl+pdcr@2d`` (the dimension only when not the benchmark's)."""
+    return "+".join([name, *variants]) + ("" if dim == default_dim else f"@{dim}d")
+
+
 def _swept(config: BenchmarkConfig, label: str) -> bool:
     """Whether the sweep chooses ``label``'s fine-tuning learning rate (``lr_sweep_methods``); a scratch row of
     another dimension or with variants (``scratch@2d``, ``scratch+pdcr``) whenever scratch's is."""
-    scratch = label.partition("@")[0].partition("+")[0] == "scratch"
     return ("all" in config.lr_sweep_methods or label in config.lr_sweep_methods
-            or (scratch and "scratch" in config.lr_sweep_methods))
+            or ("scratch" in config.lr_sweep_methods and parse_method(label, config.dim)[0] == "scratch"))
 
 
 def _nanmean(values: list[float]) -> float:

@@ -553,7 +553,7 @@ def _pool_line(rows: Sequence[Mapping[str, Any]]) -> str:
     return "Pretraining pool: " + "; ".join(f"{p} = {text.get(p, p)}" for p in pools) + "."
 
 
-def _sweep_line(out: Path, methods: Sequence[str] = ("scratch",)) -> str:
+def _sweep_line(out: Path, methods: Sequence[str]) -> str:
     p = out / "lr_sweep.json"
     lines = []
     if not p.is_file() and "scratch" in methods:
